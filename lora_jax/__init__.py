@@ -1,0 +1,31 @@
+"""lora_jax: LoRA and QLoRA as a pure function of a parameter pytree."""
+
+from lora_jax._layout import default_layout
+from lora_jax._lorafy import lorafy
+from lora_jax._lorafy import merge
+from lora_jax._nodes import ImplicitArray
+from lora_jax._nodes import LoraWeight
+from lora_jax._train import combine
+from lora_jax._train import count_params
+from lora_jax._train import split
+from lora_jax._train import trainable_mask
+from lora_jax._transform import MaterializationError
+from lora_jax._transform import MaterializationWarning
+from lora_jax._transform import lora
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ImplicitArray",
+    "LoraWeight",
+    "MaterializationError",
+    "MaterializationWarning",
+    "combine",
+    "count_params",
+    "default_layout",
+    "lora",
+    "lorafy",
+    "merge",
+    "split",
+    "trainable_mask",
+)

@@ -1,0 +1,41 @@
+"""Every JAX-internals difference between the versions we support, in one place.
+
+Tested: JAX 0.10.x (Python 3.11) and 0.12.x (Python 3.12); the GPU image runs 0.11.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from jax.extend import core as jex_core
+
+ClosedJaxpr = jex_core.ClosedJaxpr
+Literal = jex_core.Literal
+
+
+def open_jaxpr(j):
+    """(jaxpr, consts) from a ClosedJaxpr (0.10) or an open Jaxpr (0.12 scan)."""
+    if isinstance(j, ClosedJaxpr):
+        return j.jaxpr, list(j.consts)
+    return j, []
+
+
+def scan_counts(params) -> tuple[int, int]:
+    """(num_consts, num_carry) of a scan eqn: explicit in 0.10, ``ft_in`` groups in 0.12."""
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"]
+    return len(consts), len(carry)
+
+
+def eqn_context(eqn):
+    ctx = getattr(eqn, "ctx", None)
+    manager = getattr(ctx, "manager", None)
+    return manager if manager is not None else contextlib.nullcontext()
+
+
+# Primitive names that moved between versions.
+JIT_NAMES = frozenset({"pjit", "jit", "closed_call", "core_call"})
+REMAT_NAMES = frozenset({"checkpoint", "remat", "remat2"})
+CUSTOM_NAMES = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+                          "custom_lin"})

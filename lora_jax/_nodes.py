@@ -1,0 +1,143 @@
+"""Implicit weights: pytree nodes that stand for an array they never form.
+
+A node behaves like an array of ``shape``/``dtype`` for ``lora(fn)``: where the
+transform has a rule for the primitive that consumes it (``dot_general``,
+``conv``, ``gather``, ...) it uses the node's factors; anywhere else it calls
+``materialize()``. Because nodes are registered dataclasses, ``jit``, ``grad``,
+``vmap``, ``lax.scan`` (which slices every leaf along axis 0), sharding and
+orbax all see their plain array leaves.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> w = LoraWeight(w0=jnp.ones((5, 7)), a=jnp.ones((5, 2)),
+    ...                b=jnp.zeros((2, 7)), alpha=4.0)
+    >>> w.shape, w.rank, w.scale
+    ((5, 7), 2, 2.0)
+    >>> bool((w.materialize() == 1.0).all())
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+class ImplicitArray:
+    """Base of the nodes ``lora(fn)`` understands.
+
+    Subclasses are frozen dataclasses registered as pytrees. ``shape`` and
+    ``dtype`` must be derived from the leaves (not stored) so that a node
+    sliced by ``lax.scan`` or batched by ``vmap`` still reports its own shape.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def materialize(self) -> jax.Array:
+        raise NotImplementedError
+
+    def astype(self, dtype) -> "ImplicitArray":
+        raise NotImplementedError
+
+    def __jax_array__(self):
+        # Lets plain (untransformed) code use a node, at the price of forming it.
+        return self.materialize()
+
+
+def _dense(x):
+    return x.materialize() if isinstance(x, ImplicitArray) else x
+
+
+def _node(cls):
+    """Register a dataclass as a pytree; fields with ``static=True`` metadata are aux data."""
+    fields = dataclasses.fields(cls)
+    data = [f.name for f in fields if not f.metadata.get("static")]
+    meta = [f.name for f in fields if f.metadata.get("static")]
+    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+
+
+def static(default=dataclasses.MISSING):
+    return dataclasses.field(default=default, metadata={"static": True})
+
+
+@_node
+@dataclasses.dataclass(frozen=True)
+class LoraWeight(ImplicitArray):
+    """Stands for ``w0 + scale * a @ b`` in the (in, out) layout.
+
+    Shapes, with S the leading stacked-layer axes (``nn.scan``), I the input
+    (contracted) axes and O the output axes of the base weight::
+
+        w0: [*S, *I, *O]   (an array or a QuantizedWeight)
+        a:  [*S, *I, r]
+        b:  [*S, r, *O]
+
+    ``in_ndim`` = len(I) is static; S is whatever leads ``a`` beyond I and r,
+    so slicing every leaf along axis 0 (as ``lax.scan`` does) yields the node
+    of one layer. ``scale`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+    ``w0``, ``a`` or ``b`` may be ``None`` in the halves made by ``split``.
+    """
+
+    w0: Any
+    a: Any
+    b: Any
+    alpha: float = static(8.0)
+    rslora: bool = static(False)
+    in_ndim: int = static(1)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    @property
+    def scale(self) -> float:
+        r = self.rank
+        return self.alpha / (math.sqrt(r) if self.rslora else r)
+
+    @property
+    def stack_ndim(self) -> int:
+        return self.a.ndim - self.in_ndim - 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w0.shape)
+
+    @property
+    def dtype(self):
+        return self.w0.dtype
+
+    def delta(self) -> jax.Array:
+        """``scale * a @ b`` as an array [*S, *I, *O] (forms the full product)."""
+        s = self.stack_ndim
+        stack = tuple(range(s))
+        ab = jax.lax.dot_general(
+            self.a, self.b, (((self.a.ndim - 1,), (s,)), (stack, stack)))
+        return (ab * jnp.asarray(self.scale, ab.dtype)).astype(self.dtype)
+
+    def materialize(self) -> jax.Array:
+        return _dense(self.w0) + self.delta()
+
+    def astype(self, dtype) -> "LoraWeight":
+        w0 = self.w0.astype(dtype)
+        return dataclasses.replace(self, w0=w0, a=self.a.astype(dtype), b=self.b.astype(dtype))
+
+
+def is_implicit(x) -> bool:
+    return isinstance(x, ImplicitArray)
+
+
+def is_lora(x) -> bool:
+    return isinstance(x, LoraWeight)

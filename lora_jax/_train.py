@@ -1,0 +1,93 @@
+"""Trainable vs frozen: split/combine with None holes, and the optax mask.
+
+Only the ``a`` and ``b`` leaves of LoraWeight nodes train; everything else —
+``w0`` (array or quantized codes), biases, norms, embeddings — is frozen.
+
+Example:
+    >>> import jax.numpy as jnp, optax
+    >>> p = lorafy({"k": jnp.ones((5, 7))}, rank=2)
+    >>> trainable, frozen = split(p)
+    >>> trainable["k"].w0 is None and frozen["k"].a is None
+    True
+    >>> combine(trainable, frozen)["k"].shape
+    (5, 7)
+    >>> tx = optax.masked(optax.adam(1e-3), trainable_mask(p))
+    >>> state = tx.init(p)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from ._nodes import LoraWeight
+
+
+def _is_lora(x) -> bool:
+    return isinstance(x, LoraWeight)
+
+
+def _map_lora(fn_lora, fn_other, tree):
+    return jax.tree.map(lambda x: fn_lora(x) if _is_lora(x) else fn_other(x), tree,
+                        is_leaf=_is_lora)
+
+
+def trainable_mask(params):
+    """A tree of bools with the structure of ``params``: True on LoRA A/B leaves only.
+
+    Use with ``optax.masked(tx, mask)``; frozen leaves then get no optimizer state.
+    """
+    def lora_mask(w: LoraWeight):
+        return dataclasses.replace(w, w0=jax.tree.map(lambda _: False, w.w0), a=True, b=True)
+    return _map_lora(lora_mask, lambda x: jax.tree.map(lambda _: False, x), params)
+
+
+def split(params):
+    """``(trainable, frozen)``: two trees shaped like ``params`` with ``None`` holes.
+
+    ``trainable`` holds LoRA A/B; ``frozen`` holds everything else. Differentiate
+    with respect to ``trainable`` only, so no full-size weight gradient is ever formed.
+    """
+    trainable = _map_lora(lambda w: dataclasses.replace(w, w0=None), lambda x: None, params)
+    frozen = _map_lora(lambda w: dataclasses.replace(w, a=None, b=None), lambda x: x, params)
+    return trainable, frozen
+
+
+def combine(*trees):
+    """Inverse of :func:`split`: fill each ``None`` hole from the next tree that has a value."""
+    def pick(*xs):
+        for x in xs:
+            if x is not None:
+                return x
+        return None
+    return jax.tree.map(pick, *trees, is_leaf=lambda x: x is None)
+
+
+def count_params(params) -> dict:
+    """Element counts: ``{"trainable", "frozen", "total", "trainable_fraction"}``.
+
+    ``frozen`` counts the logical elements of the base (a quantized weight counts
+    its dequantized size), so the fraction is relative to the model, not its bytes.
+    """
+    trainable, frozen = 0, 0
+    for leaf in jax.tree.leaves(params, is_leaf=_is_lora):
+        if _is_lora(leaf):
+            trainable += (leaf.a.size if leaf.a is not None else 0)
+            trainable += (leaf.b.size if leaf.b is not None else 0)
+            frozen += _logical_size(leaf.w0)
+        else:
+            frozen += _logical_size(leaf)
+    total = trainable + frozen
+    return {"trainable": trainable, "frozen": frozen, "total": total,
+            "trainable_fraction": trainable / total if total else 0.0}
+
+
+def _logical_size(x) -> int:
+    if x is None:
+        return 0
+    shape = getattr(x, "shape", ())
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
