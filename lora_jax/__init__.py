@@ -1,5 +1,6 @@
 """lora_jax: LoRA and QLoRA as a pure function of a parameter pytree."""
 
+from lora_jax._infer import infer_layout
 from lora_jax._layout import default_layout
 from lora_jax._lorafy import lorafy
 from lora_jax._lorafy import merge
@@ -23,6 +24,7 @@ __all__ = (
     "combine",
     "count_params",
     "default_layout",
+    "infer_layout",
     "lora",
     "lorafy",
     "merge",

@@ -28,6 +28,16 @@ def scan_counts(params) -> tuple[int, int]:
     return len(consts), len(carry)
 
 
+def bind(eqn, *args):
+    """``eqn.primitive.bind`` with the eqn's params, as ``jax.core.eval_jaxpr`` does it."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):             # older API: (subfuns, params)
+        subfuns, params = params
+        args = (*subfuns, *args)
+    with eqn_context(eqn):
+        return eqn.primitive.bind(*args, **params)
+
+
 def eqn_context(eqn):
     ctx = getattr(eqn, "ctx", None)
     manager = getattr(ctx, "manager", None)

@@ -66,6 +66,8 @@ def resolve_layout(layout: LayoutSpec, path: str, leaf) -> Layout:
         out = layout(path, leaf)
         if out is None:
             out = default_layout(path, shape)
+    elif path in layout:                       # exact paths, as infer_layout returns them
+        out = layout[path]
     else:
         out = None
         for pattern, lay in layout.items():

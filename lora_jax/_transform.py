@@ -85,8 +85,7 @@ def _eval(jaxpr, consts, args, ctx: _Ctx):
             if not eqn.primitive.multiple_results:
                 outs = [outs]
         else:
-            with _compat.eqn_context(eqn):
-                outs = eqn.primitive.bind(*invals, **eqn.params)
+            outs = _compat.bind(eqn, *invals)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
         for v, x in zip(eqn.outvars, outs):
@@ -116,8 +115,7 @@ def _apply_rule(eqn, invals, ctx):
     else:
         why = f"primitive '{name}' has no LoRA rule"
     dense = [ctx.form(x, why) for x in invals]
-    with _compat.eqn_context(eqn):
-        return eqn.primitive.bind(*dense, **eqn.params)
+    return _compat.bind(eqn, *dense)
 
 
 # ----------------------------------------------------------------------------- dot_general
@@ -166,8 +164,7 @@ def _dot_general_rule(eqn, invals, ctx):
         return NotImplemented
     w0 = lax.stop_gradient(_dense(w.w0))
     args = (lhs, w0) if not swapped else (w0, rhs)
-    with _compat.eqn_context(eqn):
-        base = eqn.primitive.bind(*args, **eqn.params)
+    base = _compat.bind(eqn, *args)
     if swapped:
         # delta is [batch, x_free, w_free]; dot_general with W first gives [batch, w_free, x_free].
         nb = len(lb)
@@ -190,8 +187,7 @@ def _conv_rule(eqn, invals, ctx):
     if (w.stack_ndim != 0 or w.in_ndim != nd - 1 or dn.rhs_spec[0] != nd - 1
             or p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
         return NotImplemented
-    with _compat.eqn_context(eqn):
-        base = eqn.primitive.bind(x, lax.stop_gradient(_dense(w.w0)), **p)
+    base = _compat.bind(eqn, x, lax.stop_gradient(_dense(w.w0)))
     a, b = w.a.astype(x.dtype), w.b.astype(x.dtype)
     common = dict(precision=p.get("precision"))
     t = lax.conv_general_dilated(
@@ -224,8 +220,7 @@ def _gather_rule(eqn, invals, ctx):
             or tuple(p["slice_sizes"]) != (1, w.shape[1])
             or tuple(getattr(dn, "operand_batching_dims", ())) != ()):
         return NotImplemented
-    with _compat.eqn_context(eqn):
-        base = eqn.primitive.bind(lax.stop_gradient(_dense(w.w0)), idx, **p)
+    base = _compat.bind(eqn, lax.stop_gradient(_dense(w.w0)), idx)
     r = w.rank
     params = dict(p, slice_sizes=(1, r))
     rows = eqn.primitive.bind(w.a, idx, **params)            # [..., r] at offset_dims[0]
