@@ -8,7 +8,9 @@ from lora_jax._nodes import ImplicitArray
 from lora_jax._nodes import LoraWeight
 from lora_jax._train import combine
 from lora_jax._train import count_params
+from lora_jax._train import lora_optimizer
 from lora_jax._train import split
+from lora_jax._train import trainable_labels
 from lora_jax._train import trainable_mask
 from lora_jax._transform import MaterializationError
 from lora_jax._transform import MaterializationWarning
@@ -26,8 +28,10 @@ __all__ = (
     "default_layout",
     "infer_layout",
     "lora",
+    "lora_optimizer",
     "lorafy",
     "merge",
     "split",
+    "trainable_labels",
     "trainable_mask",
 )

@@ -11,7 +11,7 @@ Example:
     True
     >>> combine(trainable, frozen)["k"].shape
     (5, 7)
-    >>> tx = optax.masked(optax.adam(1e-3), trainable_mask(p))
+    >>> tx = lora_optimizer(optax.adam(1e-3), p)   # Adam state for A and B only
     >>> state = tx.init(p)
 """
 
@@ -41,6 +41,23 @@ def trainable_mask(params):
     def lora_mask(w: LoraWeight):
         return dataclasses.replace(w, w0=jax.tree.map(lambda _: False, w.w0), a=True, b=True)
     return _map_lora(lora_mask, lambda x: jax.tree.map(lambda _: False, x), params)
+
+
+def trainable_labels(params):
+    """``"trainable"`` on LoRA A/B leaves, ``"frozen"`` elsewhere: labels for ``optax.partition``."""
+    return jax.tree.map(lambda m: "trainable" if m else "frozen", trainable_mask(params))
+
+
+def lora_optimizer(tx, params):
+    """``tx`` on A/B, zero updates (and no state) for every other leaf.
+
+    ``optax.masked(tx, mask)`` alone passes masked-out gradients through
+    unchanged, so a full-tree step would still move biases and norms; this
+    pairs it with ``optax.set_to_zero`` for the frozen leaves.
+    """
+    import optax
+    return optax.partition({"trainable": tx, "frozen": optax.set_to_zero()},
+                           trainable_labels(params))
 
 
 def split(params):
