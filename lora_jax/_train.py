@@ -5,7 +5,7 @@ Only the ``a`` and ``b`` leaves of LoraWeight nodes train; everything else —
 
 Example:
     >>> import jax.numpy as jnp, optax
-    >>> p = lorafy({"k": jnp.ones((5, 7))}, rank=2)
+    >>> p = lorafy({"k": jnp.ones((5, 7))}, rank=2, targets="k")
     >>> trainable, frozen = split(p)
     >>> trainable["k"].w0 is None and frozen["k"].a is None
     True

@@ -12,7 +12,7 @@ forms the dense weight and warns once (``strict=True`` raises instead).
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from lora_jax import lorafy
-    >>> w = lorafy({"w": jnp.ones((5, 7))}, rank=2)["w"]
+    >>> w = lorafy({"w": jnp.ones((5, 7))}, rank=2, targets="w")["w"]
     >>> y = lora(lambda w, x: x @ w)(w, jnp.ones((3, 5)))
     >>> y.shape, bool((y == 5.0).all())
     ((3, 7), True)
