@@ -20,12 +20,24 @@ def open_jaxpr(j):
     return j, []
 
 
-def scan_counts(params) -> tuple[int, int]:
-    """(num_consts, num_carry) of a scan eqn: explicit in 0.10, ``ft_in`` groups in 0.12."""
+def scan_counts(params, n_in: int) -> tuple[int, int]:
+    """(num_consts, num_carry) of a scan eqn with ``n_in`` operands.
+
+    Explicit params in 0.10; in 0.12 a FlatTree ``ft_in`` whose three groups are
+    consts, carry and xs (the consts group may itself be nested).
+    """
     if "num_consts" in params:
         return params["num_consts"], params["num_carry"]
-    consts, carry, _ = params["ft_in"]
-    return len(consts), len(carry)
+    consts, carry, _ = params["ft_in"].update(list(range(n_in))).unpack()
+    return len(list(_leaves(consts))), len(list(_leaves(carry)))
+
+
+def _leaves(group):
+    for x in group:
+        if isinstance(x, int):
+            yield x
+        else:
+            yield from _leaves(x)
 
 
 def bind(eqn, *args):

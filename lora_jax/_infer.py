@@ -80,7 +80,7 @@ def _walk(jaxpr, in_tracks, found):
                 j, _ = _compat.open_jaxpr(inner)
                 _walk(j, tracks[len(tracks) - len(j.invars):], found)
         elif name == "scan":
-            n_consts, n_carry = _compat.scan_counts(p)
+            n_consts, n_carry = _compat.scan_counts(p, len(tracks))
             j, _ = _compat.open_jaxpr(p["jaxpr"])
             inner = list(tracks[:n_consts]) + [None] * n_carry
             for t in tracks[n_consts + n_carry:]:

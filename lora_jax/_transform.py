@@ -307,7 +307,7 @@ def _remat_rule(eqn, invals, ctx):
 
 def _scan_rule(eqn, invals, ctx):
     p = eqn.params
-    n_consts, n_carry = _compat.scan_counts(p)
+    n_consts, n_carry = _compat.scan_counts(p, len(invals))
     jaxpr, jconsts = _compat.open_jaxpr(p["jaxpr"])
     consts = invals[:n_consts]
     init = [ctx.form(x, "a LoraWeight in a scan carry") for x in invals[n_consts:n_consts + n_carry]]
