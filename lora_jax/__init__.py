@@ -6,6 +6,13 @@ from lora_jax._lorafy import lorafy
 from lora_jax._lorafy import merge
 from lora_jax._nodes import ImplicitArray
 from lora_jax._nodes import LoraWeight
+from lora_jax._quant import QuantizedWeight
+from lora_jax._quant import bits_per_param
+from lora_jax._quant import dequantize
+from lora_jax._quant import from_bnb_state
+from lora_jax._quant import is_quantized
+from lora_jax._quant import quantize
+from lora_jax._quant import to_bnb_state
 from lora_jax._train import combine
 from lora_jax._train import count_params
 from lora_jax._train import lora_optimizer
@@ -23,15 +30,22 @@ __all__ = (
     "LoraWeight",
     "MaterializationError",
     "MaterializationWarning",
+    "QuantizedWeight",
+    "bits_per_param",
     "combine",
     "count_params",
     "default_layout",
+    "dequantize",
+    "from_bnb_state",
     "infer_layout",
+    "is_quantized",
     "lora",
     "lora_optimizer",
     "lorafy",
     "merge",
+    "quantize",
     "split",
+    "to_bnb_state",
     "trainable_labels",
     "trainable_mask",
 )
