@@ -1,5 +1,7 @@
 """lora_jax: LoRA and QLoRA as a pure function of a parameter pytree."""
 
+from lora_jax import interop
+from lora_jax import models
 from lora_jax._infer import infer_layout
 from lora_jax._layout import default_layout
 from lora_jax._lorafy import lorafy
@@ -22,6 +24,8 @@ from lora_jax._train import trainable_mask
 from lora_jax._transform import MaterializationError
 from lora_jax._transform import MaterializationWarning
 from lora_jax._transform import lora
+from lora_jax.interop.peft import from_peft
+from lora_jax.interop.peft import to_peft
 
 __version__ = "0.1.0"
 
@@ -37,15 +41,19 @@ __all__ = (
     "default_layout",
     "dequantize",
     "from_bnb_state",
+    "from_peft",
     "infer_layout",
+    "interop",
     "is_quantized",
     "lora",
     "lora_optimizer",
     "lorafy",
     "merge",
+    "models",
     "quantize",
     "split",
     "to_bnb_state",
+    "to_peft",
     "trainable_labels",
     "trainable_mask",
 )

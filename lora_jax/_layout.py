@@ -20,7 +20,6 @@ LayoutSpec = Union[None, Callable[[str, Any], Layout], Mapping[str, Layout]]
 _CONV = re.compile(r"(^|/)[^/]*conv[^/]*/kernel$", re.IGNORECASE)
 _MHA_IN = re.compile(r"(^|/)(query|key|value)/kernel$")
 _MHA_OUT = re.compile(r"(^|/)out/kernel$")
-_EMBED = re.compile(r"(^|/)embedding$")
 
 
 def path_str(path) -> str:

@@ -235,13 +235,7 @@ def hf_state_dict_to_params(
 
 def _gguf_field(reader, key: str, default: Any = None) -> Any:
     f = reader.get_field(key)
-    if f is None:
-        return default
-    from gguf import GGUFValueType
-
-    if f.types and f.types[0] == GGUFValueType.ARRAY:
-        return f.contents()
-    return f.contents()
+    return default if f is None else f.contents()
 
 
 def _gguf_config(reader, **overrides) -> LlamaConfig:
@@ -411,6 +405,11 @@ def gguf_to_hf_state_dict(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------
 
 
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def from_pretrained(
     path: PathLike, *, dtype=jnp.float32, compute_dtype=None, remat: bool = False
 ) -> tuple[LlamaForCausalLM, dict]:
@@ -427,7 +426,7 @@ def from_pretrained(
     path = Path(path)
     compute_dtype = dtype if compute_dtype is None else compute_dtype
     overrides = dict(dtype=compute_dtype, param_dtype=dtype, remat=remat)
-    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+    if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))

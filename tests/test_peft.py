@@ -1,0 +1,289 @@
+"""PEFT interop: adapters trained here load in PEFT (and merge) with equal logits;
+PEFT-made adapters load here with equal logits."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax
+from lora_jax.interop import from_peft, to_peft
+from lora_jax.models import loading
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+optax = pytest.importorskip("optax")
+
+# transformers deprecation noise raised inside PEFT (not ours) under -W error
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*is_gradient_checkpointing.*:FutureWarning"
+)
+
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=35,
+    intermediate_size=33,
+    num_hidden_layers=3,
+    num_attention_heads=5,
+    num_key_value_heads=1,
+    head_dim=6,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500.0,
+)
+
+
+def _save_hf(path, *, tie, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**SMALL, tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+def _load_hf(path):
+    return transformers.LlamaForCausalLM.from_pretrained(path).eval()
+
+
+def _torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = _save_hf(tmp_path_factory.mktemp("hf_untied"), tie=False)
+    model, params = loading.from_pretrained(path)
+    return path, model, params
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.RandomState(0).randint(0, SMALL["vocab_size"], (2, 13))
+
+
+def _train(model, lp, ids, steps=3):
+    trainable, frozen = lora_jax.split(lp)
+    f = lora_jax.lora(model.apply)
+
+    def loss_fn(tr, x):
+        logits = f({"params": lora_jax.combine(tr, frozen)}, x[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+    opt = optax.sgd(0.1)  # (optax.adam trips strict dtype promotion: float ** int32 count)
+    state = opt.init(trainable)
+
+    @jax.jit
+    def step(tr, state, x):
+        loss, g = jax.value_and_grad(loss_fn)(tr, x)
+        upd, state = opt.update(g, state, tr)
+        return optax.apply_updates(tr, upd), state, loss
+
+    x = jnp.asarray(ids)
+    losses = []
+    for _ in range(steps):
+        trainable, state, loss = step(trainable, state, x)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    return lora_jax.combine(trainable, frozen)
+
+
+def _lora_leaves(tree):
+    return {
+        lora_jax._layout.path_str(p): l
+        for p, l in jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: isinstance(x, lora_jax.LoraWeight)
+        )[0]
+        if isinstance(l, lora_jax.LoraWeight)
+    }
+
+
+def test_export_trained_adapter_to_peft(base, ids, tmp_path):
+    path, model, params = base
+    lp = lora_jax.lorafy(
+        params,
+        rank=4,
+        alpha=8.0,
+        targets=[r"self_attn/(q|v)_proj/kernel", r"mlp/down_proj/kernel", r"^lm_head/kernel"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"v_proj": 3.0},
+        key=jax.random.key(1),
+    )
+    lp = _train(model, lp, ids)
+    ours = np.asarray(lora_jax.lora(model.apply)({"params": lp}, jnp.asarray(ids)))
+    base_logits = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    assert np.abs(ours - base_logits).max() > 1e-2  # training moved the adapter
+
+    out = to_peft(lp, tmp_path / "adapter", base_model_name_or_path=str(path))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"] is False
+    assert sorted(cfg["target_modules"]) == ["down_proj", "lm_head", "q_proj", "v_proj"]
+    assert cfg["rank_pattern"] == {"down_proj": 2} and cfg["alpha_pattern"] == {"v_proj": 3}
+    assert cfg["bias"] == "none" and cfg["fan_in_fan_out"] is False and not cfg["modules_to_save"]
+    sd = loading.read_safetensors(out / "adapter_model.safetensors")
+    assert sd["base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"].shape == (4, 35)
+    assert sd["base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight"].shape == (30, 4)
+    assert sd["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (2, 33)
+    assert sd["base_model.model.lm_head.lora_B.weight"].shape == (97, 4)
+    assert len(sd) == 2 * (3 * 3 + 1)
+    assert not list(tmp_path.glob(".adapter*"))  # atomic write left no temp dirs
+
+    pm = peft.PeftModel.from_pretrained(_load_hf(path), out).eval()
+    np.testing.assert_allclose(_torch_logits(pm, ids), ours, atol=1e-4, rtol=0)
+    merged = pm.merge_and_unload()
+    np.testing.assert_allclose(_torch_logits(merged, ids), ours, atol=1e-4, rtol=0)
+
+    # Round trip through our own loader (onto the base and onto lorafied params).
+    back = from_peft(out, params)
+    np.testing.assert_allclose(
+        lora_jax.lora(model.apply)({"params": back}, jnp.asarray(ids)), ours, atol=1e-5
+    )
+    leaves = _lora_leaves(back)
+    assert leaves["layers/mlp/down_proj/kernel"].rank == 2
+    assert leaves["layers/self_attn/v_proj/kernel"].alpha == 3.0
+    again = from_peft(out, lp)
+    np.testing.assert_allclose(
+        lora_jax.lora(model.apply)({"params": again}, jnp.asarray(ids)), ours, atol=1e-5
+    )
+
+    # Overwrite in place: still atomic and replaced.
+    to_peft(lp, out)
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_export_embedding_lora(base, ids, tmp_path):
+    path, model, params = base
+    lp = lora_jax.lorafy(
+        params, rank=3, targets=[r"embed_tokens/embedding", r"o_proj"], key=jax.random.key(2)
+    )
+    lp = _train(model, lp, ids, steps=2)
+    ours = np.asarray(lora_jax.lora(model.apply)({"params": lp}, jnp.asarray(ids)))
+    out = to_peft(lp, tmp_path / "emb")
+    sd = loading.read_safetensors(out / "adapter_model.safetensors")
+    assert sd["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (3, 97)
+    assert sd["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (35, 3)
+    pm = peft.PeftModel.from_pretrained(_load_hf(path), out).eval()
+    np.testing.assert_allclose(_torch_logits(pm, ids), ours, atol=1e-4, rtol=0)
+    back = from_peft(out, params)
+    np.testing.assert_allclose(
+        lora_jax.lora(model.apply)({"params": back}, jnp.asarray(ids)), ours, atol=1e-5
+    )
+
+
+def _peft_adapter(path, out, **lora_kwargs):
+    hf = _load_hf(path)
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs)
+    pm = peft.get_peft_model(hf, cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:  # nonzero B (and A) so the adapter matters
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    pm.eval()
+    pm.save_pretrained(out)
+    return pm
+
+
+@pytest.mark.parametrize(
+    "lora_kwargs",
+    [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        dict(
+            r=4,
+            lora_alpha=6,
+            target_modules="all-linear",
+            use_rslora=True,
+            rank_pattern={"down_proj": 2, "model.layers.1.self_attn.k_proj": 3},
+            alpha_pattern={"o_proj": 5},
+        ),
+    ],
+    ids=["qv", "all-linear-rslora-patterns"],
+)
+def test_import_peft_adapter(base, ids, tmp_path, lora_kwargs):
+    path, model, params = base
+    pm = _peft_adapter(path, tmp_path / "ad", **lora_kwargs)
+    ref = _torch_logits(pm, ids)
+    lp = from_peft(tmp_path / "ad", params)
+    leaves = _lora_leaves(lp)
+    if lora_kwargs["target_modules"] == "all-linear":
+        assert len(leaves) == 7  # lm_head is not "linear" for PEFT's all-linear
+        assert all(w.rslora for w in leaves.values())
+        assert leaves["layers/mlp/down_proj/kernel"].rank == 2
+    else:
+        assert sorted(leaves) == ["layers/self_attn/q_proj/kernel", "layers/self_attn/v_proj/kernel"]
+        w = leaves["layers/self_attn/q_proj/kernel"]
+        assert (w.rank, w.alpha, w.rslora) == (4, 8.0, False)
+        assert w.a.shape == (3, 35, 4) and w.b.shape == (3, 4, 30)
+        # KV-cached generation through lora(model.apply) == generation with merged weights
+        from lora_jax.models.llama import generate
+
+        prompt = ids[:, :4]
+        got = generate(model, lp, prompt, 6, apply_fn=lora_jax.lora(model.apply))
+        want = generate(model, lora_jax.merge(lp), prompt, 6)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ours = np.asarray(lora_jax.lora(model.apply)({"params": lp}, jnp.asarray(ids)))
+    assert np.abs(ref - _torch_logits(_load_hf(path), ids)).max() > 1e-2  # adapter matters
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    # merge() gives the same plain weights as PEFT's merge_and_unload
+    merged = pm.merge_and_unload()
+    q = merged.model.layers[1].self_attn.q_proj.weight.detach().numpy().T
+    np.testing.assert_allclose(
+        np.asarray(lora_jax.merge(lp)["layers"]["self_attn"]["q_proj"]["kernel"][1]), q, atol=1e-5
+    )
+
+
+def test_import_errors(base, tmp_path):
+    path, model, params = base
+    _peft_adapter(path, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    st = tmp_path / "ad" / "adapter_model.safetensors"
+    sd = {k: np.array(v) for k, v in loading.read_safetensors(st).items()}
+    from lora_jax.interop.peft import _write_safetensors
+
+    def write(d, tensors):
+        d.mkdir()
+        (d / "adapter_config.json").write_text((tmp_path / "ad" / "adapter_config.json").read_text())
+        _write_safetensors(d / "adapter_model.safetensors", tensors)
+        return d
+
+    extra = dict(sd)
+    extra["base_model.model.model.layers.0.self_attn.zz_proj.lora_A.weight"] = np.zeros((2, 35), np.float32)
+    with pytest.raises(ValueError, match="zz_proj"):
+        from_peft(write(tmp_path / "extra", extra), params)
+
+    missing = dict(sd)
+    del missing["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj\.lora_B"):
+        from_peft(write(tmp_path / "missing", missing), params)
+
+    no_layer = {k: v for k, v in sd.items() if ".layers.2.self_attn.q_proj." not in k}
+    with pytest.raises(ValueError, match=r"layers\.2\.self_attn\.q_proj"):
+        from_peft(write(tmp_path / "nolayer", no_layer), params)
+
+    # lorafied params with leaves the adapter doesn't cover
+    lp = lora_jax.lorafy(params, rank=2, targets=[r"o_proj"])
+    with pytest.raises(ValueError, match="o_proj"):
+        from_peft(tmp_path / "ad", lp)
+
+
+def test_export_errors(tmp_path):
+    path = _save_hf(tmp_path / "tied", tie=True)
+    model, params = loading.from_pretrained(path)
+    with pytest.raises(ValueError, match="no LoraWeight"):
+        to_peft(params, tmp_path / "x")
+    lp = lora_jax.lorafy(params, rank=2, targets=[r"embed_tokens/embedding"])
+    with pytest.raises(ValueError, match="tied"):
+        to_peft(lp, tmp_path / "x")
+    lp = lora_jax.lorafy({"foo": {"kernel": jnp.ones((4, 5))}}, rank=2)
+    with pytest.raises(ValueError, match="module_map"):
+        to_peft(lp, tmp_path / "x")
+    out = to_peft(lp, tmp_path / "custom", module_map={"foo/kernel": "model.foo"})
+    assert "base_model.model.model.foo.lora_A.weight" in loading.read_safetensors(
+        out / "adapter_model.safetensors"
+    )
