@@ -2,6 +2,16 @@
 
 from lora_jax import interop
 from lora_jax import models
+from lora_jax._checkpoint import BaseMismatchError
+from lora_jax._checkpoint import CheckpointIntegrityError
+from lora_jax._checkpoint import adapter_bytes
+from lora_jax._checkpoint import adapter_steps
+from lora_jax._checkpoint import base_fingerprint
+from lora_jax._checkpoint import export_merged
+from lora_jax._checkpoint import model_bytes
+from lora_jax._checkpoint import read_adapter_metadata
+from lora_jax._checkpoint import restore_adapter
+from lora_jax._checkpoint import save_adapter
 from lora_jax._infer import infer_layout
 from lora_jax._layout import default_layout
 from lora_jax._lorafy import lorafy
@@ -30,16 +40,22 @@ from lora_jax.interop.peft import to_peft
 __version__ = "0.1.0"
 
 __all__ = (
+    "BaseMismatchError",
+    "CheckpointIntegrityError",
     "ImplicitArray",
     "LoraWeight",
     "MaterializationError",
     "MaterializationWarning",
     "QuantizedWeight",
+    "adapter_bytes",
+    "adapter_steps",
+    "base_fingerprint",
     "bits_per_param",
     "combine",
     "count_params",
     "default_layout",
     "dequantize",
+    "export_merged",
     "from_bnb_state",
     "from_peft",
     "infer_layout",
@@ -49,8 +65,12 @@ __all__ = (
     "lora_optimizer",
     "lorafy",
     "merge",
+    "model_bytes",
     "models",
     "quantize",
+    "read_adapter_metadata",
+    "restore_adapter",
+    "save_adapter",
     "split",
     "to_bnb_state",
     "to_peft",
