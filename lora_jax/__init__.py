@@ -18,6 +18,17 @@ from lora_jax._lorafy import lorafy
 from lora_jax._lorafy import merge
 from lora_jax._nodes import ImplicitArray
 from lora_jax._nodes import LoraWeight
+from lora_jax._plan import plan_memory
+from lora_jax._sharding import fsdp_specs
+from lora_jax._sharding import logical_specs
+from lora_jax._sharding import lora_specs
+from lora_jax._sharding import named_shardings
+from lora_jax._sharding import per_device_bytes
+from lora_jax._sharding import shard_params
+from lora_jax._step import TrainStep
+from lora_jax._step import cross_entropy_loss
+from lora_jax._step import make_train_step
+from lora_jax._step import opt_state_specs
 from lora_jax._quant import QuantizedWeight
 from lora_jax._quant import bits_per_param
 from lora_jax._quant import dequantize
@@ -47,30 +58,41 @@ __all__ = (
     "MaterializationError",
     "MaterializationWarning",
     "QuantizedWeight",
+    "TrainStep",
     "adapter_bytes",
     "adapter_steps",
     "base_fingerprint",
     "bits_per_param",
     "combine",
     "count_params",
+    "cross_entropy_loss",
     "default_layout",
     "dequantize",
     "export_merged",
     "from_bnb_state",
     "from_peft",
+    "fsdp_specs",
     "infer_layout",
     "interop",
     "is_quantized",
+    "logical_specs",
     "lora",
     "lora_optimizer",
+    "lora_specs",
     "lorafy",
+    "make_train_step",
     "merge",
     "model_bytes",
     "models",
+    "named_shardings",
+    "opt_state_specs",
+    "per_device_bytes",
+    "plan_memory",
     "quantize",
     "read_adapter_metadata",
     "restore_adapter",
     "save_adapter",
+    "shard_params",
     "split",
     "to_bnb_state",
     "to_peft",
