@@ -16,6 +16,19 @@ from lora_jax._infer import infer_layout
 from lora_jax._layout import default_layout
 from lora_jax._lorafy import lorafy
 from lora_jax._lorafy import merge
+from lora_jax._multi import MultiLoraWeight
+from lora_jax._multi import adapter_ids
+from lora_jax._multi import adapter_names
+from lora_jax._multi import add_adapter
+from lora_jax._multi import add_weighted_adapter
+from lora_jax._multi import remove_adapter
+from lora_jax._multi import restore_adapters
+from lora_jax._multi import save_adapters
+from lora_jax._multi import set_adapter
+from lora_jax._multi import stack_adapters
+from lora_jax._multi import to_peft_adapters
+from lora_jax._multi import unstack_adapter
+from lora_jax._multi import with_adapter_ids
 from lora_jax._nodes import ImplicitArray
 from lora_jax._nodes import LoraWeight
 from lora_jax._plan import plan_memory
@@ -45,6 +58,14 @@ from lora_jax._train import trainable_mask
 from lora_jax._transform import MaterializationError
 from lora_jax._transform import MaterializationWarning
 from lora_jax._transform import lora
+from lora_jax._transform import register_dot_rule
+from lora_jax._variants import DoraWeight
+from lora_jax._variants import dorafy
+from lora_jax._variants import loraplus_labels
+from lora_jax._variants import loraplus_optimizer
+from lora_jax._variants import olora_init
+from lora_jax._variants import pissa_init
+from lora_jax._variants import to_dora
 from lora_jax.interop.peft import from_peft
 from lora_jax.interop.peft import to_peft
 
@@ -53,14 +74,20 @@ __version__ = "0.1.0"
 __all__ = (
     "BaseMismatchError",
     "CheckpointIntegrityError",
+    "DoraWeight",
     "ImplicitArray",
     "LoraWeight",
     "MaterializationError",
     "MaterializationWarning",
+    "MultiLoraWeight",
     "QuantizedWeight",
     "TrainStep",
     "adapter_bytes",
+    "adapter_ids",
+    "adapter_names",
     "adapter_steps",
+    "add_adapter",
+    "add_weighted_adapter",
     "base_fingerprint",
     "bits_per_param",
     "combine",
@@ -68,6 +95,7 @@ __all__ = (
     "cross_entropy_loss",
     "default_layout",
     "dequantize",
+    "dorafy",
     "export_merged",
     "from_bnb_state",
     "from_peft",
@@ -80,22 +108,36 @@ __all__ = (
     "lora_optimizer",
     "lora_specs",
     "lorafy",
+    "loraplus_labels",
+    "loraplus_optimizer",
     "make_train_step",
     "merge",
     "model_bytes",
     "models",
     "named_shardings",
+    "olora_init",
     "opt_state_specs",
     "per_device_bytes",
+    "pissa_init",
     "plan_memory",
     "quantize",
     "read_adapter_metadata",
+    "register_dot_rule",
+    "remove_adapter",
     "restore_adapter",
+    "restore_adapters",
     "save_adapter",
+    "save_adapters",
+    "set_adapter",
     "shard_params",
     "split",
+    "stack_adapters",
     "to_bnb_state",
+    "to_dora",
     "to_peft",
+    "to_peft_adapters",
     "trainable_labels",
     "trainable_mask",
+    "unstack_adapter",
+    "with_adapter_ids",
 )

@@ -67,7 +67,7 @@ import numpy as np
 
 from ._layout import path_str
 from ._lorafy import merge
-from ._nodes import ImplicitArray, LoraWeight, is_implicit
+from ._nodes import ImplicitArray, LoraWeight, is_adapter, is_implicit
 from ._train import combine, split
 
 __all__ = [
@@ -324,7 +324,7 @@ def _quant_config(params) -> dict:
     flat, _ = _flat(params, is_leaf=is_implicit)
     for path, x in flat:
         node, where = x, path
-        if isinstance(x, LoraWeight):
+        if is_adapter(x):
             node, where = x.w0, f"{path}/w0"
         if isinstance(node, ImplicitArray) and dataclasses.is_dataclass(node):
             out[where] = {**_static_fields(node), "type": type(node).__name__,
@@ -334,15 +334,17 @@ def _quant_config(params) -> dict:
 
 
 def _lora_config(params) -> dict:
+    """Per adapter node (LoraWeight, DoraWeight, MultiLoraWeight...): its type, static
+    fields (alpha, rslora, in_ndim, names...) and the shapes of its trainable fields."""
     out = {}
-    flat, _ = _flat(params, is_leaf=lambda x: isinstance(x, LoraWeight))
+    flat, _ = _flat(params, is_leaf=is_adapter)
     for path, x in flat:
-        if isinstance(x, LoraWeight):
-            out[path] = {"rank": int(x.rank), "alpha": float(x.alpha), "rslora": bool(x.rslora),
-                         "in_ndim": int(x.in_ndim),
-                         "a_shape": [int(d) for d in x.a.shape],
-                         "b_shape": [int(d) for d in x.b.shape],
-                         "dtype": _dtype_name(x.a)}
+        if is_adapter(x):
+            cfg = {"type": type(x).__name__, "rank": int(x.a.shape[-1]), **_static_fields(x),
+                   "dtype": _dtype_name(x.a)}
+            for f in type(x).trainable_fields:
+                cfg[f"{f}_shape"] = [int(d) for d in getattr(x, f).shape]
+            out[path] = cfg
     return out
 
 
@@ -443,7 +445,8 @@ def save_adapter(directory, params, *, step: int, opt_state=None,
         raise ValueError(f"keep must be a positive int or None, got {keep!r}.")
     lora_cfg = _lora_config(params)
     if not lora_cfg:
-        raise ValueError("save_adapter: params holds no LoraWeight; lorafy() it first.")
+        raise ValueError("save_adapter: params holds no adapter (LoraWeight, ...); "
+                         "lorafy() it first.")
     user = dict(metadata or {})
     try:
         json.dumps(user)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._layout import LayoutSpec, path_str, resolve_layout
-from ._nodes import ImplicitArray, LoraWeight, is_implicit
+from ._nodes import ImplicitArray, LoraWeight, is_adapter, is_implicit
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
 
@@ -173,6 +173,7 @@ def lorafy(params, rank: int = 8, *, alpha: float | None = None, targets: Target
 
 
 def merge(params):
-    """A plain tree: every LoraWeight formed as ``w0 + scale * a @ b`` (for serving/export)."""
-    return jax.tree.map(lambda x: x.materialize() if isinstance(x, LoraWeight) else x,
-                        params, is_leaf=lambda x: isinstance(x, LoraWeight))
+    """A plain tree: every adapter node formed (``w0 + scale * a @ b``; DoRA's
+    ``m * V / ||V||``) for serving/export. Quantized bases are dequantized."""
+    return jax.tree.map(lambda x: x.materialize() if is_adapter(x) else x,
+                        params, is_leaf=is_adapter)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,13 @@ class ImplicitArray:
     Subclasses are frozen dataclasses registered as pytrees. ``shape`` and
     ``dtype`` must be derived from the leaves (not stored) so that a node
     sliced by ``lax.scan`` or batched by ``vmap`` still reports its own shape.
+    ``trainable_fields`` names the fields an optimizer updates (adapter nodes:
+    LoRA's ``a``, ``b``; DoRA adds ``m``); empty for frozen nodes (quantized bases).
     """
 
     shape: tuple[int, ...]
     dtype: Any
+    trainable_fields: ClassVar[tuple[str, ...]] = ()
 
     @property
     def ndim(self) -> int:
@@ -98,6 +101,8 @@ class LoraWeight(ImplicitArray):
     rslora: bool = static(False)
     in_ndim: int = static(1)
 
+    trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+
     @property
     def rank(self) -> int:
         return self.a.shape[-1]
@@ -141,3 +146,8 @@ def is_implicit(x) -> bool:
 
 def is_lora(x) -> bool:
     return isinstance(x, LoraWeight)
+
+
+def is_adapter(x) -> bool:
+    """A node with trainable fields: LoraWeight, DoraWeight, MultiLoraWeight, ..."""
+    return isinstance(x, ImplicitArray) and bool(type(x).trainable_fields)

@@ -1,7 +1,8 @@
 """Trainable vs frozen: split/combine with None holes, and the optax mask.
 
-Only the ``a`` and ``b`` leaves of LoraWeight nodes train; everything else —
-``w0`` (array or quantized codes), biases, norms, embeddings — is frozen.
+Only the ``trainable_fields`` of adapter nodes train (LoraWeight's ``a`` and
+``b``; DoRA adds its magnitude ``m``); everything else — ``w0`` (array or
+quantized codes), biases, norms, embeddings — is frozen.
 
 Example:
     >>> import jax.numpy as jnp, optax
@@ -21,26 +22,34 @@ import dataclasses
 
 import jax
 
-from ._nodes import LoraWeight
+from ._nodes import is_adapter
 
 
-def _is_lora(x) -> bool:
-    return isinstance(x, LoraWeight)
+def _map_adapters(fn_node, fn_other, tree):
+    return jax.tree.map(lambda x: fn_node(x) if is_adapter(x) else fn_other(x), tree,
+                        is_leaf=is_adapter)
 
 
-def _map_lora(fn_lora, fn_other, tree):
-    return jax.tree.map(lambda x: fn_lora(x) if _is_lora(x) else fn_other(x), tree,
-                        is_leaf=_is_lora)
+def _data_fields(node):
+    return [f.name for f in dataclasses.fields(node) if not f.metadata.get("static")]
+
+
+def _fill(node, trainable_value, frozen_value):
+    """``node`` with trainable fields mapped by ``trainable_value`` and the rest by ``frozen_value``."""
+    keep = type(node).trainable_fields
+    return dataclasses.replace(node, **{
+        f: (trainable_value if f in keep else frozen_value)(getattr(node, f))
+        for f in _data_fields(node)})
 
 
 def trainable_mask(params):
-    """A tree of bools with the structure of ``params``: True on LoRA A/B leaves only.
+    """A tree of bools with the structure of ``params``: True on adapter leaves (A, B, ...).
 
     Use with ``optax.masked(tx, mask)``; frozen leaves then get no optimizer state.
     """
-    def lora_mask(w: LoraWeight):
-        return dataclasses.replace(w, w0=jax.tree.map(lambda _: False, w.w0), a=True, b=True)
-    return _map_lora(lora_mask, lambda x: jax.tree.map(lambda _: False, x), params)
+    false = lambda x: jax.tree.map(lambda _: False, x)
+    true = lambda x: jax.tree.map(lambda _: True, x)
+    return _map_adapters(lambda n: _fill(n, true, false), false, params)
 
 
 def trainable_labels(params):
@@ -66,8 +75,9 @@ def split(params):
     ``trainable`` holds LoRA A/B; ``frozen`` holds everything else. Differentiate
     with respect to ``trainable`` only, so no full-size weight gradient is ever formed.
     """
-    trainable = _map_lora(lambda w: dataclasses.replace(w, w0=None), lambda x: None, params)
-    frozen = _map_lora(lambda w: dataclasses.replace(w, a=None, b=None), lambda x: x, params)
+    keep, drop = (lambda x: x), (lambda x: None)
+    trainable = _map_adapters(lambda n: _fill(n, keep, drop), drop, params)
+    frozen = _map_adapters(lambda n: _fill(n, drop, keep), keep, params)
     return trainable, frozen
 
 
@@ -88,11 +98,14 @@ def count_params(params) -> dict:
     its dequantized size), so the fraction is relative to the model, not its bytes.
     """
     trainable, frozen = 0, 0
-    for leaf in jax.tree.leaves(params, is_leaf=_is_lora):
-        if _is_lora(leaf):
-            trainable += (leaf.a.size if leaf.a is not None else 0)
-            trainable += (leaf.b.size if leaf.b is not None else 0)
-            frozen += _logical_size(leaf.w0)
+    for leaf in jax.tree.leaves(params, is_leaf=is_adapter):
+        if is_adapter(leaf):
+            for f in _data_fields(leaf):
+                v = getattr(leaf, f)
+                if f in type(leaf).trainable_fields:
+                    trainable += sum(_logical_size(x) for x in jax.tree.leaves(v))
+                elif f == "w0":
+                    frozen += _logical_size(v)
         else:
             frozen += _logical_size(leaf)
     total = trainable + frozen

@@ -52,7 +52,7 @@ class _Ctx:
 
     def form(self, x, why: str):
         """Materialize ``x``; LoraWeight products are reported (quantized bases are expected)."""
-        if isinstance(x, LoraWeight):
+        if isinstance(x, (LoraWeight, *_NODE_DOT_RULES)):
             if self.strict:
                 raise MaterializationError(
                     f"lora(strict=True): {why} would form a dense LoraWeight of shape {x.shape}. "
@@ -147,8 +147,25 @@ def _lora_dot(x, w: LoraWeight, xc, wc, xb, wb, precision, pet):
                            precision=precision, preferred_element_type=pet)
 
 
+# Extra node types (DoRA, multi-adapter, ...) register ``{type: rule(eqn, invals, ctx)}`` here
+# (see ``register_dot_rule``); such nodes are also reported by ``_Ctx.form`` like a LoraWeight.
+_NODE_DOT_RULES: dict[type, Callable] = {}
+
+
+def register_dot_rule(node_type: type, rule: Callable) -> None:
+    """Give ``node_type`` its own ``dot_general`` rule ``rule(eqn, invals, ctx)``.
+
+    The rule returns the output, or ``NotImplemented`` to fall back to forming the
+    dense weight (``node.materialize()``)."""
+    _NODE_DOT_RULES[node_type] = rule
+
+
 def _dot_general_rule(eqn, invals, ctx):
     lhs, rhs = invals
+    for node in (lhs, rhs):
+        extra = _NODE_DOT_RULES.get(type(node))
+        if extra is not None:
+            return extra(eqn, invals, ctx)
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     precision = eqn.params.get("precision")
     pet = eqn.params.get("preferred_element_type")

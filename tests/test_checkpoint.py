@@ -131,7 +131,8 @@ def test_roundtrip_keeps_target_shardings_and_metadata(tmp_path):
     meta = ck.read_adapter_metadata(tmp_path)
     assert meta["user"] == {"run": "unit", "lr": 1e-3}
     assert meta["targets"] == ["d1/kernel", "d2/kernel"]
-    assert meta["lora"]["d1/kernel"] == {"rank": 3, "alpha": 5.0, "rslora": False, "in_ndim": 1,
+    assert meta["lora"]["d1/kernel"] == {"type": "LoraWeight", "rank": 3, "alpha": 5.0,
+                                         "rslora": False, "in_ndim": 1,
                                          "a_shape": [24, 3], "b_shape": [3, 16],
                                          "dtype": "float32"}
     assert set(meta["base"]) == {"d1/bias", "d1/kernel/w0", "d2/kernel/w0"}

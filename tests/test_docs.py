@@ -23,7 +23,8 @@ def test_readme_tour(capsys):
 
 
 @pytest.mark.parametrize("module", ["lora_jax._nodes", "lora_jax._lorafy", "lora_jax._train",
-                                    "lora_jax._transform", "lora_jax._infer"])
+                                    "lora_jax._transform", "lora_jax._infer",
+                                    "lora_jax._variants", "lora_jax._multi"])
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
     globs = dict(vars(mod))
