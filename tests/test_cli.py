@@ -1,0 +1,161 @@
+"""``lora-jax finetune`` end to end on a tiny random Llama written as an HF checkpoint dir."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax import cli
+from lora_jax import data as D
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+WORDS = ["good", "great", "fine", "superb", "bad", "awful", "dull", "poor", "film", "plot",
+         "the", "was", "very", "acting", "movie", "story"]
+
+
+def _tokenizer(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                  "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(WORDS), "yes no positive negative user assistant system"] * 4
+    tk.train_from_iterator(corpus, trainer)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}))
+    return tk.get_vocab_size()
+
+
+def _tiny_hf_dir(tmp_path):
+    from lora_jax._checkpoint import export_merged
+    from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path / "tiny-llama"
+    vocab = _tokenizer(tmp_path)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      eos_token_id=2, bos_token_id=1)
+    params = LlamaForCausalLM(cfg).init_params(jax.random.key(0), 4)
+    export_merged(params, d)                      # HF names, (out, in) layout
+    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).rename(d / name)
+    return d
+
+
+def _jsonl(tmp_path, n=48):
+    rng = np.random.default_rng(0)
+    pos, neg = WORDS[:4], WORDS[4:8]
+    path = tmp_path / "data.jsonl"
+    lines = []
+    for i in range(n):
+        good = i % 2 == 0
+        words = " ".join(rng.choice(pos if good else neg, 3))
+        lines.append(json.dumps({"prompt": f"the movie was {words} {i}",
+                                 "completion": "positive" if good else "negative"}))
+    path.write_text("\n".join(lines + [lines[0]]) + "\n")   # one exact duplicate
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    return _tiny_hf_dir(tmp), _jsonl(tmp), tmp
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_finetune_end_to_end(setup, quant, capsys):
+    model_dir, data, tmp = setup
+    out = tmp / f"run-{quant}"
+    rc = cli.main(["finetune", "--model", str(model_dir), "--data", str(data), "--quant", quant,
+                   "--rank", "2", "--alpha", "4", "--steps", "3", "--batch", "4",
+                   "--seq-len", "40", "--eval-size", "8", "--lr", "1e-2", "--out", str(out),
+                   "--no-progress"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    for k in ("accuracy_before", "accuracy_after"):
+        assert 0.0 <= s[k] <= 1.0
+    assert s["heldout_examples"] == 8 and s["unique_examples"] == 48   # the duplicate is dropped
+    assert s["config"]["quant"] == quant and len(s["losses"]) == 3
+    assert all(np.isfinite(s["losses"]))
+    # L * r * (q, o: 24+24; k, v: 24+12; gate, up, down: 24+40)
+    assert s["trainable_params"] == 2 * 2 * (2 * 48 + 2 * 36 + 3 * 64)
+    assert s["optimizer_state_bytes"] < s["full_ft_optimizer_state_bytes"]
+    if quant == "nf4":
+        assert s["base_stored_bytes"] < s["base_fp32_bytes"]
+    if importlib.util.find_spec("matplotlib") is not None:   # an experiments extra
+        assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "peft" / "adapter_model.safetensors").exists()
+    cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["lora_alpha"] == 4
+    assert (out / "adapter" / "3").is_dir()
+    printed = capsys.readouterr().out
+    assert "trainable parameters" in printed and "held-out accuracy" in printed
+
+    # the saved adapter restores onto the same (quantized) base
+    import lora_jax as lj
+    from lora_jax._checkpoint import restore_adapter
+    from lora_jax.models.loading import from_pretrained
+    _, base = from_pretrained(model_dir)
+    if quant != "none":
+        from lora_jax._quant import quantize
+        base = quantize(base, quant, targets=cli.DEFAULT_TARGETS)
+    template = lj.lorafy(base, rank=2, alpha=4, targets=cli.DEFAULT_TARGETS)
+    restored = restore_adapter(out / "adapter", template)
+    trained_b = [x.b for x in jax.tree.leaves(restored, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+                 if isinstance(x, lj.LoraWeight)]
+    assert any(float(jnp.abs(b).max()) > 0 for b in trained_b)
+
+
+def test_shared_prefix_forward_matches_full_forward(setup):
+    """The shared-prefix KV trick gives the same logits as running each whole row."""
+    import lora_jax as lj
+    from lora_jax.models.loading import from_pretrained, load_tokenizer
+
+    model_dir, data, _ = setup
+    model, params = from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
+    items = D.tokenize_examples(tok, D.load_jsonl(data)[:3])
+    p = D.common_prefix_len(p for p, _ in items)
+    assert p > 0
+    enc = D.encode_rows(items, 40, prefix_len=p, pad_id=2)
+    pos, _ = cli._answer_positions(enc.loss_mask)
+    full = np.concatenate([np.repeat(enc.prefix[None], 3, 0), enc.ids], 1)
+    ref = np.take_along_axis(np.asarray(model.apply({"params": params}, full)),
+                             (pos + p)[:, :, None], axis=1)
+    lp = lj.lorafy(params, rank=2, targets=cli.DEFAULT_TARGETS)
+    got = jax.jit(lj.lora(cli.make_logits_at(model, enc.prefix)))(lp, enc.ids, pos)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_split_is_seeded_balanced_and_disjoint():
+    ex = [{"prompt": f"p{i}", "completion": "a" if i % 3 else "b"} for i in range(60)]
+    tr, held = D.split_examples(ex, 10, seed=3)
+    tr2, held2 = D.split_examples(ex, 10, seed=3)
+    assert held == held2 and tr == tr2
+    assert sorted(e["completion"] for e in held) == ["a"] * 5 + ["b"] * 5
+    assert not {e["prompt"] for e in tr} & {e["prompt"] for e in held}
+    assert len(tr) + len(held) == 60
+
+
+def test_help():
+    res = subprocess.run([sys.executable, "-m", "lora_jax.cli", "finetune", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for flag in ("--model", "--data", "--rank", "--alpha", "--targets", "--quant", "--steps",
+                 "--lr", "--batch", "--seq-len", "--eval-size", "--out", "--seed"):
+        assert flag in res.stdout
