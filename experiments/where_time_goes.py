@@ -14,7 +14,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

@@ -67,7 +67,7 @@ import numpy as np
 
 from ._layout import path_str
 from ._lorafy import merge
-from ._nodes import ImplicitArray, LoraWeight, is_adapter, is_implicit
+from ._nodes import ImplicitArray, is_adapter, is_implicit
 from ._train import combine, split
 
 __all__ = [

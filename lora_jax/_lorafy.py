@@ -97,7 +97,6 @@ def _check_target(path: str, leaf):
 
 def _leaf_layout(layout: LayoutSpec, path: str, leaf):
     if isinstance(leaf, ImplicitArray) and hasattr(leaf, "in_ndim") and layout is None:
-        nd = len(leaf.shape)
         stack = getattr(leaf, "stack_ndim", None)
         if stack is None:
             stack, _ = resolve_layout(None, path, leaf)

@@ -56,7 +56,8 @@ from jax import lax
 
 from . import _compat, _transform
 from ._layout import path_str
-from ._nodes import ImplicitArray, LoraWeight, _dense, _node, is_implicit, static
+from ._nodes import (AdapterNode, LoraWeight, _dense, _node, is_implicit, lora_scale,
+                     static)
 
 __all__ = [
     "MultiLoraWeight",
@@ -79,7 +80,7 @@ BASE = -1
 
 @_node
 @dataclasses.dataclass(frozen=True)
-class MultiLoraWeight(ImplicitArray):
+class MultiLoraWeight(AdapterNode):
     """N named LoRA adapters over one base weight; see the module docstring for shapes."""
 
     w0: Any
@@ -99,25 +100,13 @@ class MultiLoraWeight(ImplicitArray):
         return len(self.names)
 
     @property
-    def rank(self) -> int:
-        return self.a.shape[-1]
-
-    @property
     def stack_ndim(self) -> int:
         return self.a.ndim - self.in_ndim - 2
 
     @property
     def scales(self) -> tuple[float, ...]:
-        return tuple(0.0 if r == 0 else al / (math.sqrt(r) if rs else r)
+        return tuple(0.0 if r == 0 else lora_scale(al, r, rs)
                      for r, al, rs in zip(self.ranks, self.alphas, self.rsloras))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.w0.shape)
-
-    @property
-    def dtype(self):
-        return self.w0.dtype
 
     def adapter(self, index: int):
         """Adapter ``index`` as a :class:`LoraWeight` (or ``w0`` if it has no LoRA here)."""

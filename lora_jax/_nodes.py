@@ -76,9 +76,30 @@ def static(default=dataclasses.MISSING):
     return dataclasses.field(default=default, metadata={"static": True})
 
 
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+class AdapterNode(ImplicitArray):
+    """Base of nodes over a frozen ``w0`` with low-rank factors ``a`` [..., r] and ``b``."""
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w0.shape)
+
+    @property
+    def dtype(self):
+        return self.w0.dtype
+
+
 @_node
 @dataclasses.dataclass(frozen=True)
-class LoraWeight(ImplicitArray):
+class LoraWeight(AdapterNode):
     """Stands for ``w0 + scale * a @ b`` in the (in, out) layout.
 
     Shapes, with S the leading stacked-layer axes (``nn.scan``), I the input
@@ -104,25 +125,12 @@ class LoraWeight(ImplicitArray):
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
 
     @property
-    def rank(self) -> int:
-        return self.a.shape[-1]
-
-    @property
     def scale(self) -> float:
-        r = self.rank
-        return self.alpha / (math.sqrt(r) if self.rslora else r)
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
     @property
     def stack_ndim(self) -> int:
         return self.a.ndim - self.in_ndim - 1
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.w0.shape)
-
-    @property
-    def dtype(self):
-        return self.w0.dtype
 
     def delta(self) -> jax.Array:
         """``scale * a @ b`` as an array [*S, *I, *O] (forms the full product)."""

@@ -21,9 +21,8 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

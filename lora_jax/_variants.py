@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,8 @@ from jax import lax
 
 from . import _transform
 from ._layout import path_str
-from ._nodes import ImplicitArray, LoraWeight, _dense, _node, is_adapter, is_implicit, static
+from ._nodes import (AdapterNode, ImplicitArray, LoraWeight, _node, is_adapter, is_implicit,
+                     lora_scale, static)
 
 __all__ = [
     "DoraWeight",
@@ -58,7 +59,7 @@ __all__ = [
 
 @_node
 @dataclasses.dataclass(frozen=True)
-class DoraWeight(ImplicitArray):
+class DoraWeight(AdapterNode):
     """Stands for ``m * V / stop_gradient(||V||_col)``, ``V = w0 + scale * a @ b``.
 
     Shapes (as :class:`LoraWeight`, plus the magnitude)::
@@ -80,25 +81,12 @@ class DoraWeight(ImplicitArray):
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b", "m")
 
     @property
-    def rank(self) -> int:
-        return self.a.shape[-1]
-
-    @property
     def scale(self) -> float:
-        r = self.rank
-        return self.alpha / (math.sqrt(r) if self.rslora else r)
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
     @property
     def stack_ndim(self) -> int:
         return self.a.ndim - self.in_ndim - 1
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.w0.shape)
-
-    @property
-    def dtype(self):
-        return self.w0.dtype
 
     def as_lora(self) -> LoraWeight:
         """The underlying ``V = w0 + s*a@b`` as a :class:`LoraWeight`."""

@@ -350,7 +350,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     # ---- train
     rng = np.random.default_rng(cfg.seed)
     order = _epoch_order(rng, train, cfg.batch)
-    losses, tok_counts = [], []
+    losses = []
     # real tokens per row (shared prefix included, padding excluded) for the tokens/s figure
     n_real = prefix_len + (tr_pos * tr_valid).max(1).astype(np.int64) + 2
     try:

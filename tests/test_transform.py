@@ -1,6 +1,5 @@
 """lora(fn) equals fn on the merged weights, for every construct the transform handles."""
 
-import functools
 
 import flax.linen as nn
 import jax
