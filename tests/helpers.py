@@ -84,3 +84,17 @@ def check_lora_matches_merged(fn, params, args, *, key, targets=None, rank=2, la
         for x, y in zip(jax.tree.leaves(g_jit), jax.tree.leaves(g_ref)):
             close(x, y, grad_tol)
     return lp
+
+
+def random_hf_llama(torch, transformers):
+    """A small odd-sized GQA transformers Llama with N(0, 0.3) weights (seeded), in eval mode."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=35, intermediate_size=33,
+                                   num_hidden_layers=2, num_attention_heads=5,
+                                   num_key_value_heads=1, head_dim=6, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    return hf

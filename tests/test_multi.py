@@ -14,7 +14,7 @@ from lora_jax._multi import (MultiLoraWeight, add_adapter, add_weighted_adapter,
                              set_adapter, stack_adapters, to_peft_adapters, unstack_adapter,
                              with_adapter_ids)
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from helpers import close, randomize_b
+from helpers import close, random_hf_llama, randomize_b
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=35, intermediate_size=33, num_hidden_layers=2,
                   num_attention_heads=5, num_key_value_heads=1, head_dim=6,
@@ -216,15 +216,7 @@ def hf_base(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
     from lora_jax.models import loading
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=35, intermediate_size=33,
-                                   num_hidden_layers=2, num_attention_heads=5,
-                                   num_key_value_heads=1, head_dim=6, max_position_embeddings=64,
-                                   rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=False)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3)
+    hf = random_hf_llama(torch, transformers)
     path = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(path)
     model, params = loading.from_pretrained(path)

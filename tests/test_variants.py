@@ -12,7 +12,7 @@ import pytest
 import lora_jax as lj
 from lora_jax._variants import (DoraWeight, dorafy, loraplus_labels, loraplus_optimizer,
                                 olora_init, pissa_init, to_dora)
-from helpers import close, randomize_b, tx_update
+from helpers import close, random_hf_llama, randomize_b, tx_update
 
 
 def _mlp():
@@ -96,15 +96,7 @@ def _torch_dora_llama(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=35, intermediate_size=33,
-                                   num_hidden_layers=2, num_attention_heads=5,
-                                   num_key_value_heads=1, head_dim=6, max_position_embeddings=64,
-                                   rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=False)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3)
+    hf = random_hf_llama(torch, transformers)
     hf.save_pretrained(tmp_path)
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=3, lora_alpha=7, use_dora=True,
                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
