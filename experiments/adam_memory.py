@@ -22,7 +22,7 @@ import jax
 import optax
 
 import lora_jax as lj
-from lora_jax._plan import llama_config
+from lora_jax.scale.plan import llama_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = r"layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel"

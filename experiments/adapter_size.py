@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
-from lora_jax._plan import llama_config
+from lora_jax.scale.plan import llama_config
 from lora_jax.models import llama
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -277,7 +277,7 @@ def main(argv=None):
         variants.append(Variant("step_hand", adam_step(tx, loss_hand),
                                 (h_tr, tx.init(h_tr), h_fr, ids), donate=(0, 1)))
     try:
-        from lora_jax._quant import quantize
+        from lora_jax.quant.quantize import quantize
         qp = lj.lorafy(quantize(base, "nf4", targets=TARGETS), rank=args.rank, alpha=alpha,
                        targets=TARGETS, key=key)
         q_tr, q_fr = lj.split(qp)

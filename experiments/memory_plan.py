@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from lora_jax._plan import GiB, LLAMA_CONFIGS, llama_config, plan_memory  # noqa: E402
+from lora_jax.scale.plan import GiB, LLAMA_CONFIGS, llama_config, plan_memory  # noqa: E402
 
 MODES = ("full", "lora", "qlora")
 

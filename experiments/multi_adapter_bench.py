@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from lora_jax._multi import adapter_ids, stack_adapters, with_adapter_ids
+from lora_jax.variants.multi import adapter_ids, stack_adapters, with_adapter_ids
 from lora_jax.models import llama
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

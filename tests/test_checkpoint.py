@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
-from lora_jax import _checkpoint as ck
+from lora_jax.checkpoint import adapter as ck
 
 HERE = Path(__file__).resolve().parent
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lora_jax import cli
-from lora_jax import data as D
+from lora_jax.recipes.finetune import data as D
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
           "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
@@ -41,7 +41,7 @@ def _tokenizer(tmp_path):
 
 
 def _tiny_hf_dir(tmp_path):
-    from lora_jax._checkpoint import export_merged
+    from lora_jax.checkpoint.adapter import export_merged
     from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path / "tiny-llama"
@@ -108,11 +108,11 @@ def test_finetune_end_to_end(setup, quant, capsys):
 
     # the saved adapter restores onto the same (quantized) base
     import lora_jax as lj
-    from lora_jax._checkpoint import restore_adapter
+    from lora_jax.checkpoint.adapter import restore_adapter
     from lora_jax.models.loading import from_pretrained
     _, base = from_pretrained(model_dir)
     if quant != "none":
-        from lora_jax._quant import quantize
+        from lora_jax.quant.quantize import quantize
         base = quantize(base, quant, targets=cli.DEFAULT_TARGETS)
     template = lj.lorafy(base, rank=2, alpha=4, targets=cli.DEFAULT_TARGETS)
     restored = restore_adapter(out / "adapter", template)

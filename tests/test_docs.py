@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import pkgutil
 import pathlib
 import re
 
@@ -22,9 +23,17 @@ def test_readme_tour(capsys):
     assert float(last) < 0.5 * float(first)
 
 
-@pytest.mark.parametrize("module", ["lora_jax._nodes", "lora_jax._lorafy", "lora_jax._train",
-                                    "lora_jax._transform", "lora_jax._infer",
-                                    "lora_jax._variants", "lora_jax._multi"])
+def _modules_with_examples():
+    import lora_jax
+    names = []
+    for info in pkgutil.walk_packages(lora_jax.__path__, "lora_jax."):
+        tests = doctest.DocTestFinder().find(importlib.import_module(info.name))
+        if any(t.examples for t in tests):
+            names.append(info.name)
+    return names
+
+
+@pytest.mark.parametrize("module", _modules_with_examples())
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
     globs = dict(vars(mod))

@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax._multi import (MultiLoraWeight, add_adapter, add_weighted_adapter, adapter_ids,
-                             adapter_names, remove_adapter, restore_adapters, save_adapters,
-                             set_adapter, stack_adapters, to_peft_adapters, unstack_adapter,
-                             with_adapter_ids)
+from lora_jax.variants.multi import (MultiLoraWeight, add_adapter, add_weighted_adapter, adapter_ids, adapter_names, remove_adapter, restore_adapters, save_adapters, set_adapter, stack_adapters, to_peft_adapters, unstack_adapter, with_adapter_ids)
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from helpers import close, random_hf_llama, randomize_b
 
@@ -146,7 +143,7 @@ def test_add_remove_and_errors(llama):
             apply({"params": with_adapter_ids(emb, [0, 1, 0, 1, 0])}, x)
     with pytest.raises(ValueError, match="another tree structure"):
         stack_adapters({"a": ad["a"], "c": {"x": ad["b"]}})
-    from lora_jax._variants import to_dora
+    from lora_jax.variants.dora import to_dora
     with pytest.raises(TypeError, match="only plain LoRA adapters"):
         stack_adapters({"a": ad["a"], "d": to_dora(ad["b"])})
 

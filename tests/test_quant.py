@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_jax._nodes import LoraWeight
-from lora_jax._quant import (FP4_CODE, NF4_CODE, QuantizedWeight, bits_per_param, dequantize,
-                             dynamic_map, from_bnb_state, quantize, quantize_array, to_bnb_state)
+from lora_jax.lora.weight import LoraWeight
+from lora_jax.quant.quantize import (FP4_CODE, NF4_CODE, QuantizedWeight, bits_per_param, dequantize, dynamic_map, from_bnb_state, quantize, quantize_array, to_bnb_state)
 
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 

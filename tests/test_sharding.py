@@ -12,9 +12,9 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import lora_jax as lj
-from lora_jax._quant import QuantizedWeight, quantize
-from lora_jax._sharding import fsdp_specs, logical_specs, lora_specs, per_device_bytes, shard_params
-from lora_jax._step import make_train_step
+from lora_jax.quant.quantize import QuantizedWeight, quantize
+from lora_jax.scale.sharding import (fsdp_specs, logical_specs, lora_specs, per_device_bytes, shard_params)
+from lora_jax.scale.step import make_train_step
 
 from _mp_worker import build
 
@@ -178,7 +178,7 @@ def test_sharded_steps_match_single_device(mode, model_setup, trees, reference):
 
 def test_full_finetune_step_shards_and_donates(model_setup):
     model, lp, batch, _, tx = model_setup
-    from lora_jax._step import cross_entropy_loss
+    from lora_jax.scale.step import cross_entropy_loss
     base = lj.merge(lp)
     loss_fn = cross_entropy_loss(model.apply)
     mesh = _mesh((2, 4, 1))
@@ -197,7 +197,7 @@ def test_full_finetune_step_shards_and_donates(model_setup):
 
 
 def test_memory_planner_counts():
-    from lora_jax._plan import plan_memory
+    from lora_jax.scale.plan import plan_memory
     from lora_jax.models.llama import LlamaConfig
 
     L, D, F, V, H, KV, hd, r = 2, 64, 128, 96, 4, 2, 16, 4

@@ -10,8 +10,7 @@ import optax
 import pytest
 
 import lora_jax as lj
-from lora_jax._variants import (DoraWeight, dorafy, loraplus_labels, loraplus_optimizer,
-                                olora_init, pissa_init, to_dora)
+from lora_jax.variants.dora import (DoraWeight, dorafy, loraplus_labels, loraplus_optimizer, olora_init, pissa_init, to_dora)
 from helpers import close, random_hf_llama, randomize_b, tx_update
 
 

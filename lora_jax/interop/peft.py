@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._layout import path_str
-from lora_jax._nodes import LoraWeight
+from lora_jax.core.tree import path_str
+from lora_jax.lora.weight import LoraWeight
 
 __all__ = ["to_peft", "from_peft", "LLAMA_MODULE_MAP"]
 

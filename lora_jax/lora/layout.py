@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Union
 
-import jax
+from lora_jax.core.tree import path_str
 
 Layout = tuple[int, int]  # (stack_ndim, in_ndim)
 LayoutSpec = Union[None, Callable[[str, Any], Layout], Mapping[str, Layout]]
@@ -20,23 +20,6 @@ LayoutSpec = Union[None, Callable[[str, Any], Layout], Mapping[str, Layout]]
 _CONV = re.compile(r"(^|/)[^/]*conv[^/]*/kernel$", re.IGNORECASE)
 _MHA_IN = re.compile(r"(^|/)(query|key|value)/kernel$")
 _MHA_OUT = re.compile(r"(^|/)out/kernel$")
-
-
-def path_str(path) -> str:
-    """'/'-joined key path: ``params/layers/q_proj/kernel``."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def default_layout(path: str, shape: tuple[int, ...]) -> Layout:

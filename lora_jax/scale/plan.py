@@ -33,11 +33,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ._lorafy import lorafy
-from ._sharding import fsdp_specs, lora_specs, per_device_bytes
-from ._step import cross_entropy_loss, make_train_step
-from ._train import count_params
-from ._transform import lora
+from lora_jax.lora.lorafy import lorafy
+from lora_jax.scale.sharding import fsdp_specs, lora_specs, per_device_bytes
+from lora_jax.scale.step import cross_entropy_loss, make_train_step
+from lora_jax.lora.train import count_params
+from lora_jax.lora.transform import lora
 
 __all__ = ["plan_memory", "LLAMA_CONFIGS", "llama_config"]
 
@@ -63,12 +63,12 @@ _LAYER_KERNELS = r"^layers/.*/kernel$"
 
 
 def llama_config(name: str, **overrides):
-    from .models.llama import LlamaConfig
+    from lora_jax.models.llama import LlamaConfig
     return LlamaConfig(**{**LLAMA_CONFIGS[name], **overrides})
 
 
 def _abstract_tree(mode, model, rank, alpha, quant_kind, adapter_dtype):
-    from ._quant import quantize
+    from lora_jax.quant.quantize import quantize
 
     def build(key):
         params = model.init_params(key, 1)
@@ -108,7 +108,7 @@ def plan_memory(cfg, mode: str, *, n_devices: int = 1, batch: int = 1, seq: int 
 
     Returns a dict of byte counts (per device) and metadata.
     """
-    from .models.llama import LlamaForCausalLM
+    from lora_jax.models.llama import LlamaForCausalLM
 
     if mode not in ("full", "lora", "qlora"):
         raise ValueError(f"mode must be 'full', 'lora' or 'qlora', got {mode!r}")

@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _transform
-from ._layout import path_str
-from ._nodes import (AdapterNode, ImplicitArray, LoraWeight, _node, is_adapter, is_implicit,
-                     lora_scale, static)
+from lora_jax.lora import transform as _transform
+from lora_jax.core.tree import path_str
+from lora_jax.lora.weight import AdapterNode, LoraWeight, is_adapter, lora_scale
+from lora_jax.core.implicit import ImplicitArray, node as _node, is_implicit, static
 
 __all__ = [
     "DoraWeight",
@@ -184,7 +184,7 @@ def to_dora(params):
 
 def dorafy(params, rank: int = 8, **lorafy_kwargs):
     """``to_dora(lorafy(params, rank, **lorafy_kwargs))``: PEFT's ``use_dora=True``."""
-    from ._lorafy import lorafy
+    from lora_jax.lora.lorafy import lorafy
     return to_dora(lorafy(params, rank, **lorafy_kwargs))
 
 

@@ -22,7 +22,7 @@ import dataclasses
 
 import jax
 
-from ._nodes import is_adapter
+from lora_jax.lora.weight import is_adapter
 
 
 def _map_adapters(fn_node, fn_other, tree):

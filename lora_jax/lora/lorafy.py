@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._layout import LayoutSpec, path_str, resolve_layout
-from ._nodes import ImplicitArray, LoraWeight, is_adapter, is_implicit
+from lora_jax.lora.layout import LayoutSpec, resolve_layout
+from lora_jax.core.tree import path_str
+from lora_jax.core.implicit import ImplicitArray, is_implicit
+from lora_jax.lora.weight import LoraWeight, is_adapter
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
 

@@ -26,54 +26,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-
-class ImplicitArray:
-    """Base of the nodes ``lora(fn)`` understands.
-
-    Subclasses are frozen dataclasses registered as pytrees. ``shape`` and
-    ``dtype`` must be derived from the leaves (not stored) so that a node
-    sliced by ``lax.scan`` or batched by ``vmap`` still reports its own shape.
-    ``trainable_fields`` names the fields an optimizer updates (adapter nodes:
-    LoRA's ``a``, ``b``; DoRA adds ``m``); empty for frozen nodes (quantized bases).
-    """
-
-    shape: tuple[int, ...]
-    dtype: Any
-    trainable_fields: ClassVar[tuple[str, ...]] = ()
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    def materialize(self) -> jax.Array:
-        raise NotImplementedError
-
-    def astype(self, dtype) -> "ImplicitArray":
-        raise NotImplementedError
-
-    def __jax_array__(self):
-        # Lets plain (untransformed) code use a node, at the price of forming it.
-        return self.materialize()
-
-
-def _dense(x):
-    return x.materialize() if isinstance(x, ImplicitArray) else x
-
-
-def _node(cls):
-    """Register a dataclass as a pytree; fields with ``static=True`` metadata are aux data."""
-    fields = dataclasses.fields(cls)
-    data = [f.name for f in fields if not f.metadata.get("static")]
-    meta = [f.name for f in fields if f.metadata.get("static")]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
-
-
-def static(default=dataclasses.MISSING):
-    return dataclasses.field(default=default, metadata={"static": True})
+from lora_jax.core.implicit import ImplicitArray, dense, node, static
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -97,7 +50,7 @@ class AdapterNode(ImplicitArray):
         return self.w0.dtype
 
 
-@_node
+@node
 @dataclasses.dataclass(frozen=True)
 class LoraWeight(AdapterNode):
     """Stands for ``w0 + scale * a @ b`` in the (in, out) layout.
@@ -141,19 +94,13 @@ class LoraWeight(AdapterNode):
         return (ab * jnp.asarray(self.scale, ab.dtype)).astype(self.dtype)
 
     def materialize(self) -> jax.Array:
-        return _dense(self.w0) + self.delta()
+        return dense(self.w0) + self.delta()
 
     def astype(self, dtype) -> "LoraWeight":
         w0 = self.w0.astype(dtype)
         return dataclasses.replace(self, w0=w0, a=self.a.astype(dtype), b=self.b.astype(dtype))
 
 
-def is_implicit(x) -> bool:
-    return isinstance(x, ImplicitArray)
-
-
-def is_lora(x) -> bool:
-    return isinstance(x, LoraWeight)
 
 
 def is_adapter(x) -> bool:

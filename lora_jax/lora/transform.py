@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _compat
-from ._nodes import ImplicitArray, LoraWeight, is_implicit
+from lora_jax.core import compat as _compat
+from lora_jax.core.implicit import ImplicitArray, is_implicit
+from lora_jax.lora.weight import LoraWeight
 
 
 class MaterializationWarning(UserWarning):

@@ -54,10 +54,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _compat, _transform
-from ._layout import path_str
-from ._nodes import (AdapterNode, LoraWeight, _dense, _node, is_implicit, lora_scale,
-                     static)
+from lora_jax.core import compat as _compat
+from lora_jax.lora import transform as _transform
+from lora_jax.core.tree import path_str
+from lora_jax.lora.weight import AdapterNode, LoraWeight, lora_scale
+from lora_jax.core.implicit import dense as _dense, node as _node, is_implicit, static
 
 __all__ = [
     "MultiLoraWeight",
@@ -565,7 +566,7 @@ def save_adapters(directory, params, *, step: int, separate: bool = False, **kwa
     ``restore_adapter``). ``kwargs`` go to ``save_adapter`` (``metadata``, ``keep``).
     Returns the step path, or ``{name: step path}``.
     """
-    from ._checkpoint import save_adapter
+    from lora_jax.checkpoint.adapter import save_adapter
     ad = _all(params)
     meta = dict(kwargs.pop("metadata", None) or {})
     meta["adapters"] = list(ad)
@@ -580,7 +581,7 @@ def restore_adapters(directory, params, *, step: int | None = None, separate: bo
     """Inverse of :func:`save_adapters`: ``params`` is a stacked template (same names,
     ranks and base); returns it with every adapter's A/B restored. ``separate=True``
     restores ``directory/<name>/`` for each of ``names`` (default: the template's)."""
-    from ._checkpoint import restore_adapter
+    from lora_jax.checkpoint.adapter import restore_adapter
     ad = _all(params)
     if names is not None:
         for n in names:
@@ -618,7 +619,7 @@ def to_peft_adapters(params, out_dir, **to_peft_kwargs) -> dict:
     ``out_dir`` itself. Returns ``{name: path}``; load with
     ``PeftModel.from_pretrained(model, out_dir/<first>, adapter_name=<first>)`` then
     ``load_adapter(out_dir/<name>, adapter_name=<name>)``."""
-    from .interop.peft import to_peft
+    from lora_jax.interop.peft import to_peft
     root = Path(os.fspath(out_dir))
     paths = {}
     names = adapter_names(params)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import jax
 
-from . import _compat
-from ._layout import path_str
-from ._nodes import is_implicit
+from lora_jax.core import compat as _compat
+from lora_jax.core.tree import path_str
+from lora_jax.core.implicit import is_implicit
 
 # A tracked value: (leaf index, tuple mapping each axis to the leaf's axis or None, n_sliced)
 

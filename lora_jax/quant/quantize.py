@@ -59,8 +59,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._layout import LayoutSpec, path_str, resolve_layout
-from ._nodes import ImplicitArray, LoraWeight, _node, static
+from lora_jax.lora.layout import LayoutSpec, resolve_layout
+from lora_jax.core.tree import path_str
+from lora_jax.core.implicit import ImplicitArray, node as _node, static
+from lora_jax.lora.weight import LoraWeight
 
 __all__ = [
     "QuantizedWeight",

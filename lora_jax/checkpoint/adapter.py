@@ -65,10 +65,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._layout import path_str
-from ._lorafy import merge
-from ._nodes import ImplicitArray, is_adapter, is_implicit
-from ._train import combine, split
+from lora_jax.core.tree import path_str
+from lora_jax.lora.lorafy import merge
+from lora_jax.core.implicit import ImplicitArray, is_implicit
+from lora_jax.lora.weight import is_adapter
+from lora_jax.lora.train import combine, split
 
 __all__ = [
     "BaseMismatchError",
@@ -865,7 +866,7 @@ def _requantizer(requantize):
         return requantize
     if isinstance(requantize, str):
         kind = requantize
-        from ._quant import quantize_array
+        from lora_jax.quant.quantize import quantize_array
 
         def rq(name, x):
             leaf = name.rsplit("/", 1)[-1].rsplit(".", 1)[-1]

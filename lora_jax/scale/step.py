@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ._sharding import _place, named_shardings
-from ._train import combine, split
+from lora_jax.scale.sharding import _place, named_shardings
+from lora_jax.lora.train import combine, split
 
 __all__ = ["make_train_step", "TrainStep", "opt_state_specs"]
 

@@ -1,0 +1,70 @@
+"""Implicit arrays: pytree nodes that stand for an array they never form.
+
+A node behaves like an array of ``shape``/``dtype`` for an interpreted function:
+where a rule exists for the primitive that consumes it, the rule uses the
+node's parts; anywhere else the node is formed with ``materialize()``. Nodes are
+registered dataclasses, so ``jit``, ``grad``, ``vmap``, ``lax.scan``, sharding
+and orbax all see their plain array leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+
+
+class ImplicitArray:
+    """Base of the nodes ``lora(fn)`` understands.
+
+    Subclasses are frozen dataclasses registered as pytrees. ``shape`` and
+    ``dtype`` must be derived from the leaves (not stored) so that a node
+    sliced by ``lax.scan`` or batched by ``vmap`` still reports its own shape.
+    ``trainable_fields`` names the fields an optimizer updates (adapter nodes:
+    LoRA's ``a``, ``b``; DoRA adds ``m``); empty for frozen nodes (quantized bases).
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    trainable_fields: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def materialize(self) -> jax.Array:
+        raise NotImplementedError
+
+    def astype(self, dtype) -> "ImplicitArray":
+        raise NotImplementedError
+
+    def __jax_array__(self):
+        # Lets plain (untransformed) code use a node, at the price of forming it.
+        return self.materialize()
+
+
+def dense(x):
+    return x.materialize() if isinstance(x, ImplicitArray) else x
+
+
+def node(cls):
+    """Register a dataclass as a pytree; fields with ``static=True`` metadata are aux data."""
+    fields = dataclasses.fields(cls)
+    data = [f.name for f in fields if not f.metadata.get("static")]
+    meta = [f.name for f in fields if f.metadata.get("static")]
+    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+
+
+def static(default=dataclasses.MISSING):
+    return dataclasses.field(default=default, metadata={"static": True})
+
+
+
+def is_implicit(x) -> bool:
+    return isinstance(x, ImplicitArray)
