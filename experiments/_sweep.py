@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
-from lora_jax.cli import FinetuneConfig, finetune
+from experiments import REPO, RESULTS, repo_relative
+from lora_jax.recipes.finetune import FinetuneConfig, finetune
 
-RESULTS = Path(__file__).resolve().parent / "results"
+__all__ = ["FinetuneConfig", "RESULTS", "run", "smooth", "write"]
+
+# Each run's working directory (finetune's summary.json), under the gitignored runs/.
+RUNS = REPO / "runs" / "sweep"
 
 KEEP = ("accuracy_before", "accuracy_after", "predicted_after", "loss_first", "loss_last10",
         "losses", "trainable_params", "total_params", "trainable_percent",
@@ -18,12 +21,13 @@ KEEP = ("accuracy_before", "accuracy_after", "predicted_after", "loss_first", "l
 
 
 def run(label: str, base: FinetuneConfig, **changes) -> dict:
-    cfg = dataclasses.replace(base, progress=False, save=False, plot=False,
-                              out=f"/tmp/lora_jax_sweep/{label.replace(' ', '_').replace('=', '')}",
+    out = RUNS / label.replace(" ", "_").replace("=", "")
+    cfg = dataclasses.replace(base, progress=False, save=False, plot=False, out=str(out),
                               **changes)
     t0 = time.perf_counter()
     s = finetune(cfg, log=lambda *a: None)
-    row = {"label": label, "config": dataclasses.asdict(cfg), **{k: s[k] for k in KEEP}}
+    config = dataclasses.asdict(cfg) | {"out": repo_relative(out)}
+    row = {"label": label, "config": config, **{k: s[k] for k in KEEP}}
     print(f"  {label:14} acc {row['accuracy_after']:.3f}  loss(last10) {row['loss_last10']:.3f}  "
           f"{time.perf_counter() - t0:.0f}s", flush=True)
     return row

@@ -16,15 +16,14 @@ Writes experiments/results/adam_memory.json and .png and prints a table.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import optax
 
 import lora_jax as lj
-from lora_jax.scale.plan import llama_config
+from experiments import RESULTS
+from lora_jax.models import LlamaForCausalLM, llama_config
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = r"layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel"
 GB = 1e9
 
@@ -36,7 +35,6 @@ def _state_bytes(tree) -> int:
 
 
 def model_rows(name: str, ranks=(8, 16, 64)) -> list[dict]:
-    from lora_jax.models.llama import LlamaForCausalLM
     base = jax.eval_shape(LlamaForCausalLM(llama_config(name)).init_params, jax.random.key(0))
     n = sum(x.size for x in jax.tree.leaves(base))
     rows = [{"model": name, "method": "full fine-tuning", "rank": None, "trainable": n,
@@ -64,7 +62,8 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "adam_memory.json").write_text(json.dumps(res, indent=2))
     print(f"nominal 70B x 8 bytes = {70e9 * 8 / GB:.0f} GB")
-    print(f"{'model':12} {'method':17} {'trainable':>15} {'Adam state':>11} {'optax':>11} {'of full':>9}")
+    print(f"{'model':12} {'method':17} {'trainable':>15} {'Adam state':>11} {'optax':>11} "
+          f"{'of full':>9}")
     for r in rows:
         print(f"{r['model']:12} {r['method']:17} {r['trainable']:>15,} "
               f"{r['arithmetic_bytes'] / GB:>8.2f} GB {r['optax_state_bytes'] / GB:>8.2f} GB "
@@ -81,7 +80,8 @@ def main():
         vals = [r["arithmetic_bytes"] / GB for r in rows if r["model"] == name]
         bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=name)
         for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom",
+                    fontsize=7)
     ax.set_xticks(x, methods)
     ax.set_yscale("log")
     ax.set_ylabel("Adam state (GB, 8 bytes/param)")

@@ -7,16 +7,14 @@ k, o, gate, up, down. Uses lora_jax.adapter_bytes / model_bytes on jax.eval_shap
 """
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
-from lora_jax.scale.plan import llama_config
-from lora_jax.models import llama
+from experiments import RESULTS
+from lora_jax.models import LlamaConfig, LlamaForCausalLM, llama_config
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TARGETS = {"q,v": r"layers/self_attn/[qv]_proj/kernel",
            "all linear": r"layers/(self_attn|mlp)/\w+_proj/kernel"}
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -24,12 +22,12 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 
 
 def sizes(cfg, rank=8):
-    model = llama.LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
     ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     base = jax.eval_shape(lambda i: model.init(jax.random.key(0), i)["params"], ids)
     out = {}
     for name, targets in TARGETS.items():
-        lp = jax.eval_shape(lambda p: lj.lorafy(p, rank=rank, targets=targets), base)
+        lp = jax.eval_shape(lambda p, t=targets: lj.lorafy(p, rank=rank, targets=t), base)
         a, m = lj.adapter_bytes(lp), lj.model_bytes(base)
         out[name] = {"adapter_bytes": a, "model_bytes": m, "ratio": a / m}
     return out
@@ -37,7 +35,7 @@ def sizes(cfg, rank=8):
 
 def main():
     bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    report = {"SmolLM2-135M": sizes(llama.LlamaConfig(**SMOLLM2, **bf16)),
+    report = {"SmolLM2-135M": sizes(LlamaConfig(**SMOLLM2, **bf16)),
               "Llama-2-7B": sizes(llama_config("Llama-2-7B", **bf16))}
     for model, rows in report.items():
         for t, r in rows.items():

@@ -1,8 +1,8 @@
 """Side-by-side benchmarks in one run: our transform vs a hand-written LoRA, LoRA vs full
 fine-tuning, QLoRA vs LoRA, and peers (HF PEFT on torch, qwix) on the same config.
 
-    python experiments/bench.py                     # ~25M-param reference Llama, 2048 tok/step
-    python experiments/bench.py --model smollm2     # SmolLM2-135M architecture (random init)
+    python -m experiments.bench                     # ~25M-param reference Llama, 2048 tok/step
+    python -m experiments.bench --model smollm2     # SmolLM2-135M architecture (random init)
 
 Every variant is compiled first; FLOPs come from XLA's cost analysis and bytes from
 ``compiled.memory_analysis()``; wall time is the median of interleaved repetitions
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import optax
 
 import lora_jax as lj
-from lora_jax.models import llama
+from experiments import REPO, RESULTS, repo_relative
+from lora_jax.models import LlamaConfig, LlamaForCausalLM, llama
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TARGETS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
 
 CONFIGS = {
@@ -64,11 +64,13 @@ class HandLoraDense(nn.Module):
                        self.param_dtype)
         x = x.astype(self.dtype)
         y = x @ jax.lax.stop_gradient(k).astype(self.dtype)
-        return y + ((x @ a.astype(self.dtype)) * jnp.asarray(self.scale, self.dtype)) @ b.astype(self.dtype)
+        s = jnp.asarray(self.scale, self.dtype)
+        return y + ((x @ a.astype(self.dtype)) * s) @ b.astype(self.dtype)
 
 
 @contextlib.contextmanager
 def hand_written(rank, scale):
+    """Swap the reference Llama's (private) Dense factory for HandLoraDense."""
     orig = llama._dense
 
     def dense(cfg, features, use_bias, name):
@@ -180,10 +182,10 @@ def peft_in_subprocess(*a):
     """torch in its own process: inside this one, XLA's idle CPU thread pools slowed it 30x."""
     import subprocess
     import sys
-    code = ("import json, sys; sys.path.insert(0, %r); from experiments.bench import peft_step_time; "
-            "print(json.dumps(peft_step_time(*json.loads(sys.argv[1]))))"
-            % str(pathlib.Path(__file__).resolve().parents[1]))
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(a)], capture_output=True, text=True)
+    code = ("import json, sys; from experiments.bench import peft_step_time; "
+            "print(json.dumps(peft_step_time(*json.loads(sys.argv[1]))))")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(a)], capture_output=True,
+                       text=True, cwd=REPO)
     if r.returncode:
         return {"skipped": r.stderr[-500:]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -199,8 +201,10 @@ def qwix_variant(model, ids, rank, alpha, tx):
     variables = qmodel.init(jax.random.key(3), ids)
     params = variables["params"]
     # qwix names its factors "<param>_lora_a" / "<param>_lora_b" next to the kernel
-    is_lora = lambda path: str(getattr(path[-1], "key", "")).endswith(("lora_a", "lora_b"))
-    mask = jax.tree_util.tree_map_with_path(lambda p, _: is_lora(p), params)
+    def is_lora(path, _):
+        return str(getattr(path[-1], "key", "")).endswith(("lora_a", "lora_b"))
+
+    mask = jax.tree_util.tree_map_with_path(is_lora, params)
     train = jax.tree.map(lambda m, p: p if m else None, mask, params)
     frozen = jax.tree.map(lambda m, p: None if m else p, mask, params)
 
@@ -214,7 +218,8 @@ def qwix_variant(model, ids, rank, alpha, tx):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(CONFIGS), default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
@@ -225,8 +230,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     cfg_kwargs = CONFIGS[args.model]
-    cfg = llama.LlamaConfig(**cfg_kwargs)
-    model = llama.LlamaForCausalLM(cfg)
+    cfg = LlamaConfig(**cfg_kwargs)
+    model = LlamaForCausalLM(cfg)
     key = jax.random.key(0)
     ids = jax.random.randint(key, (args.batch, args.seq), 0, cfg.vocab_size, jnp.int32)
     base = model.init(key, ids[:, :8])["params"]
@@ -260,10 +265,10 @@ def main(argv=None):
     # The hand-written model swaps llama's Dense factory; Variant traces and compiles at
     # construction, so the swap only needs to cover these two.
     with hand_written(args.rank, alpha / args.rank):
-        hand_model = llama.LlamaForCausalLM(cfg)
+        hand_model = LlamaForCausalLM(cfg)
         hp = hand_model.init(key, ids[:, :8])["params"]
-        is_ab = lambda path: path[-1].key in ("lora_a", "lora_b")
-        h_mask = jax.tree_util.tree_map_with_path(lambda p, _: is_ab(p), hp)
+        h_mask = jax.tree_util.tree_map_with_path(
+            lambda path, _: path[-1].key in ("lora_a", "lora_b"), hp)
         h_tr = jax.tree.map(lambda m, p: p if m else None, h_mask, hp)
         h_fr = jax.tree.map(lambda m, p: None if m else p, h_mask, hp)
 
@@ -276,20 +281,16 @@ def main(argv=None):
         variants.insert(3, Variant("fwd_hand", fwd_hand, (hp, ids)))
         variants.append(Variant("step_hand", adam_step(tx, loss_hand),
                                 (h_tr, tx.init(h_tr), h_fr, ids), donate=(0, 1)))
-    try:
-        from lora_jax.quant.quantize import quantize
-        qp = lj.lorafy(quantize(base, "nf4", targets=TARGETS), rank=args.rank, alpha=alpha,
-                       targets=TARGETS, key=key)
-        q_tr, q_fr = lj.split(qp)
-        variants.append(Variant("step_qlora", adam_step(tx, loss_ours),
-                                (q_tr, tx.init(q_tr), q_fr, ids), donate=(0, 1)))
-        bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
-        bp = lj.lorafy(bf, rank=args.rank, alpha=alpha, targets=TARGETS, key=key)
-        b_tr, b_fr = lj.split(bp)
-        variants.append(Variant("step_lora_bf16base", adam_step(tx, loss_ours),
-                                (b_tr, tx.init(b_tr), b_fr, ids), donate=(0, 1)))
-    except ImportError as e:                         # quantization not available
-        print(f"skipping QLoRA: {e}")
+    qp = lj.lorafy(lj.quantize(base, "nf4", targets=TARGETS), rank=args.rank, alpha=alpha,
+                   targets=TARGETS, key=key)
+    q_tr, q_fr = lj.split(qp)
+    variants.append(Variant("step_qlora", adam_step(tx, loss_ours),
+                            (q_tr, tx.init(q_tr), q_fr, ids), donate=(0, 1)))
+    bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    bp = lj.lorafy(bf, rank=args.rank, alpha=alpha, targets=TARGETS, key=key)
+    b_tr, b_fr = lj.split(bp)
+    variants.append(Variant("step_lora_bf16base", adam_step(tx, loss_ours),
+                            (b_tr, tx.init(b_tr), b_fr, ids), donate=(0, 1)))
     qwix_note = None
     if not args.no_peers:
         try:
@@ -304,8 +305,8 @@ def main(argv=None):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
             v.run()
-    peft = None if args.no_peers else peft_in_subprocess(cfg_kwargs, args.rank, alpha,
-                                                         args.batch, args.seq, max(3, args.reps // 2))
+    peft = None if args.no_peers else peft_in_subprocess(
+        cfg_kwargs, args.rank, alpha, args.batch, args.seq, max(3, args.reps // 2))
 
     by = {v.name: v for v in variants}
     rows = {v.name: {"flops": v.flops, "median_s": v.median, "memory": v.mem} for v in variants}
@@ -355,7 +356,7 @@ def main(argv=None):
     for k, v in ratios.items():
         if v is not None:
             print(f"{k:40s} {v:6.3f}")
-    print(f"wrote {out}")
+    print(f"wrote {repo_relative(out)}")
     return report
 
 

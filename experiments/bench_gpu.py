@@ -1,7 +1,7 @@
 """bf16 LoRA vs QLoRA-NF4 training throughput and MFU on a ~1B Llama (one accelerator).
 
-    python experiments/bench_gpu.py                 # on the GPU machine (experiments/bench_gpu.sh)
-    python experiments/bench_gpu.py --smoke         # tiny config, any backend, for CI-like checks
+    python -m experiments.bench_gpu                 # on the GPU machine (experiments/bench_gpu.sh)
+    python -m experiments.bench_gpu --smoke         # tiny config, any backend, for CI-like checks
 
 MFU = achieved model FLOPs / peak. Model FLOPs of a LoRA step are counted as
 (2 fwd + 2 dx) * N * tokens + attention (the frozen base needs no weight
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
 import time
 
@@ -22,19 +21,21 @@ import jax.numpy as jnp
 import optax
 
 import lora_jax as lj
-from lora_jax.models import llama
+from experiments import RESULTS
+from lora_jax.models import LlamaConfig, LlamaForCausalLM
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TARGETS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
 
+# TinyLlama-1.1B
 ONE_B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-             num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False)  # TinyLlama-1.1B
+             num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False)
 SMOKE = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
@@ -45,8 +46,8 @@ def main(argv=None):
     kw = SMOKE if args.smoke else ONE_B
     if args.smoke:
         args.batch, args.seq, args.steps = 2, 64, 3
-    cfg = llama.LlamaConfig(**kw, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True)
-    model = llama.LlamaForCausalLM(cfg)
+    cfg = LlamaConfig(**kw, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=True)
+    model = LlamaForCausalLM(cfg)
     key = jax.random.key(0)
     ids = jax.random.randint(key, (args.batch, args.seq), 0, cfg.vocab_size, jnp.int32)
     base = jax.jit(lambda k: model.init(k, ids[:1, :8])["params"])(key)
@@ -64,7 +65,9 @@ def main(argv=None):
         return optax.apply_updates(tr, upd), opt, loss
 
     results = {}
-    for name, prep in (("lora_bf16", lambda p: p), ("qlora_nf4", lambda p: lj.quantize(p, "nf4", targets=TARGETS))):
+    preps = (("lora_bf16", lambda p: p),
+             ("qlora_nf4", lambda p: lj.quantize(p, "nf4", targets=TARGETS)))
+    for name, prep in preps:
         params = lj.lorafy(prep(base), rank=args.rank, alpha=2 * args.rank, targets=TARGETS,
                            key=key, dtype=jnp.float32)
         tr, fr = lj.split(params)
@@ -93,10 +96,12 @@ def main(argv=None):
             "temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 1e9,
             "loss": float(loss),
         }
+        r = results[name]
         print(f"{name:10s} {dt * 1e3:8.1f} ms/step  {tokens / dt:10.0f} tok/s  "
-              f"MFU {results[name]['mfu'] * 100:5.1f}%  args {results[name]['argument_gb']:.2f} GB  "
-              f"temp {results[name]['temp_gb']:.2f} GB")
-    results["qlora/lora step time"] = results["qlora_nf4"]["step_s"] / results["lora_bf16"]["step_s"]
+              f"MFU {r['mfu'] * 100:5.1f}%  args {r['argument_gb']:.2f} GB  "
+              f"temp {r['temp_gb']:.2f} GB")
+    step_ratio = results["qlora_nf4"]["step_s"] / results["lora_bf16"]["step_s"]
+    results["qlora/lora step time"] = step_ratio
     results["device"] = str(jax.devices()[0].device_kind)
     results["jax"] = jax.__version__
     results["params"] = int(n_params)

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --no-deps -e . 2>/dev/null || true
 python -c "import jax; print(jax.__version__, jax.devices())"
-python experiments/bench_gpu.py "$@"
+python -m experiments.bench_gpu "$@"
 mkdir -p "${OUT:-experiments/results}"
 cp experiments/results/bench_gpu.json "${OUT:-experiments/results}/" 2>/dev/null || true

@@ -1,8 +1,8 @@
 """Mixed-adapter batches: one jitted forward where every row uses its own adapter, against
 the same batch through one adapter, and against running each adapter's rows separately.
 
-    python experiments/multi_adapter_bench.py            # reference Llama, d=256, 4 layers
-    python experiments/multi_adapter_bench.py --hidden 512 --batch 16
+    python -m experiments.multi_adapter_bench            # reference Llama, d=256, 4 layers
+    python -m experiments.multi_adapter_bench --hidden 512 --batch 16
 
 Variants (forward pass = prefill logits, batch B x T tokens, N adapters of rank r on every
 attention/MLP projection):
@@ -23,7 +23,9 @@ variant order rotates each round). Writes experiments/results/multi_adapter_benc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -34,10 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from lora_jax.variants.multi import adapter_ids, stack_adapters, with_adapter_ids
-from lora_jax.models import llama
+from experiments import RESULTS, repo_relative
+from lora_jax.models import LlamaConfig, LlamaForCausalLM
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TARGETS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
 
 
@@ -51,42 +52,44 @@ def main():
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--out", default=str(RESULTS / "multi_adapter_bench.json"))
+    ap.add_argument("--out", default=repo_relative(RESULTS / "multi_adapter_bench.json"))
     args = ap.parse_args()
     B, T, N = args.batch, args.seq, args.adapters
     if B % N:
         raise SystemExit("--batch must be a multiple of --adapters")
 
-    cfg = llama.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                            intermediate_size=int(args.hidden * 2.75) // 8 * 8,
-                            num_hidden_layers=args.layers, num_attention_heads=8,
-                            num_key_value_heads=4, max_position_embeddings=max(T, 128))
-    model = llama.LlamaForCausalLM(cfg)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=int(args.hidden * 2.75) // 8 * 8,
+                      num_hidden_layers=args.layers, num_attention_heads=8,
+                      num_key_value_heads=4, max_position_embeddings=max(T, 128))
+    model = LlamaForCausalLM(cfg)
     x = jnp.asarray(np.random.RandomState(0).randint(0, args.vocab, (B, T)))
     base = jax.jit(model.init)(jax.random.key(0), x)["params"]
+
+    def random_b(w, key):
+        """A nonzero B (a fresh lorafy has B = 0: every adapter would equal the base)."""
+        if not isinstance(w, lj.LoraWeight):
+            return w
+        return dataclasses.replace(w, b=jax.random.normal(key, w.b.shape, w.b.dtype) * 0.02)
 
     names = [f"ad{i}" for i in range(N)]
     adapters = {}
     for i, n in enumerate(names):
         lp = lj.lorafy(base, rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS,
                        key=jax.random.key(100 + i))
-        adapters[n] = jax.tree.map(
-            lambda w, i=i: (w if not isinstance(w, lj.LoraWeight) else
-                            type(w)(w.w0, w.a, jax.random.normal(jax.random.key(200 + i), w.b.shape,
-                                                                 w.b.dtype) * 0.02,
-                                    alpha=w.alpha, rslora=w.rslora, in_ndim=w.in_ndim)),
-            lp, is_leaf=lambda w: isinstance(w, lj.LoraWeight))
-    multi = stack_adapters(adapters)
+        adapters[n] = jax.tree.map(lambda w, i=i: random_b(w, jax.random.key(200 + i)), lp,
+                                   is_leaf=lambda w: isinstance(w, lj.LoraWeight))
+    multi = lj.stack_adapters(adapters)
     apply = lj.lora(model.apply)
 
     f_base = jax.jit(lambda p, x: model.apply({"params": p}, x))
     f_lora = jax.jit(lambda p, x: apply({"params": p}, x))
-    f_multi = jax.jit(lambda p, x, ids: apply({"params": with_adapter_ids(p, ids)}, x))
+    f_multi = jax.jit(lambda p, x, ids: apply({"params": lj.with_adapter_ids(p, ids)}, x))
 
     # rows: adapters round-robin, the last row on the base model
     rows = [names[i % N] for i in range(B)]
     rows[-1] = None
-    ids_mixed = adapter_ids(multi, rows)
+    ids_mixed = lj.adapter_ids(multi, rows)
     ids_same = jnp.zeros((B,), jnp.int32)
     merged = lj.merge(adapters[names[0]])
     per = B // N
@@ -123,7 +126,8 @@ def main():
 
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "config": vars(args) | {"intermediate_size": cfg.intermediate_size,
+        "config": vars(args) | {"out": repo_relative(args.out),
+                                "intermediate_size": cfg.intermediate_size,
                                 "params": int(sum(p.size for p in jax.tree.leaves(base))),
                                 "adapter_params": lj.count_params(adapters[names[0]])["trainable"],
                                 "tokens_per_call": B * T},
@@ -134,7 +138,7 @@ def main():
         "jit_compilations_mixed": compiles_multi,
         "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
                     "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-                    "cpu_count": __import__("os").cpu_count()},
+                    "cpu_count": os.cpu_count()},
     }
     out_path = pathlib.Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +147,7 @@ def main():
     for k in order:
         print(f"{k:<12} {med[k] * 1e3:10.2f} {med[k] / med['single']:9.2f}")
     print(f"mixed rows vs alone: max abs err {err:.2e}; compilations of the mixed step: "
-          f"{compiles_multi}; wrote {out_path}")
+          f"{compiles_multi}; wrote {repo_relative(out_path)}")
 
 
 if __name__ == "__main__":

@@ -13,15 +13,13 @@ Writes experiments/results/param_arithmetic.json and .png and prints a table.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
-from lora_jax.scale.plan import LLAMA_CONFIGS, llama_config
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from experiments import RESULTS
+from lora_jax.models import LLAMA_CONFIGS, LlamaForCausalLM, llama_config
 
 TARGET_SETS = {
     "q,v (LoRA paper)": r"layers/self_attn/[qv]_proj/kernel",
@@ -45,7 +43,6 @@ def single_matrix(n=4096, rank=8) -> dict:
 
 
 def llama(name: str, ranks=(8, 16, 64)) -> list[dict]:
-    from lora_jax.models.llama import LlamaForCausalLM
     model = LlamaForCausalLM(llama_config(name))
     base = jax.eval_shape(model.init_params, jax.random.key(0))
     total = sum(x.size for x in jax.tree.leaves(base))
@@ -83,7 +80,8 @@ def main():
 
     print(f"4096x4096 at r=8: {single['trainable']:,} trainable vs {single['full']:,} "
           f"({single['reduction']:.0f}x fewer)")
-    print(f"{'model':12} {'targets':20} {'r':>3} {'trainable':>14} {'base':>16} {'%':>8} {'fewer':>8}")
+    print(f"{'model':12} {'targets':20} {'r':>3} {'trainable':>14} {'base':>16} {'%':>8} "
+          f"{'fewer':>8}")
     for r in rows:
         print(f"{r['model']:12} {r['targets']:20} {r['rank']:>3} {r['trainable']:>14,} "
               f"{r['base_params']:>16,} {r['percent_of_base']:>7.3f}% {r['reduction']:>7.0f}x")
@@ -95,7 +93,8 @@ def main():
     for ax, name in zip(axes, ("Llama-2-7B", "Llama-2-70B")):
         for tname in TARGET_SETS:
             sel = [r for r in rows if r["model"] == name and r["targets"] == tname]
-            ax.plot([r["rank"] for r in sel], [r["percent_of_base"] for r in sel], "o-", label=tname)
+            ax.plot([r["rank"] for r in sel], [r["percent_of_base"] for r in sel], "o-",
+                    label=tname)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("rank r")

@@ -1,6 +1,6 @@
 """Where a grad step's time goes on XLA:CPU: jax.profiler per-thunk times, by category.
 
-    PYTHONPATH=. python experiments/profile_step.py   # writes experiments/results/profile_step.json
+    python -m experiments.profile_step   # writes experiments/results/profile_step.json
 
 Same model/batch as experiments/bench.py (small: 20M params, 8x256 tokens). Events on
 XLA's Eigen worker threads are summed per category for the full fine-tune step and our
@@ -10,7 +10,6 @@ LoRA step (2 profiled steps each, after warm-up).
 import collections
 import glob
 import json
-import pathlib
 import shutil
 import tempfile
 
@@ -19,10 +18,9 @@ import jax.numpy as jnp
 import optax
 
 import lora_jax as lj
+from experiments import RESULTS
 from experiments import bench as B
-from lora_jax.models import llama
-
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+from lora_jax.models import LlamaConfig, LlamaForCausalLM
 
 
 def category(name):
@@ -47,7 +45,8 @@ def profile(fn, args, steps=2):
         with jax.profiler.trace(d):
             for _ in range(steps):
                 jax.block_until_ready(fn(*args))
-        pd = _profile_data.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+        xplane = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0]
+        pd = _profile_data.ProfileData.from_file(xplane)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     per = collections.Counter()
@@ -62,8 +61,8 @@ def profile(fn, args, steps=2):
 
 
 def main():
-    cfg = llama.LlamaConfig(**B.CONFIGS["small"])
-    model = llama.LlamaForCausalLM(cfg)
+    cfg = LlamaConfig(**B.CONFIGS["small"])
+    model = LlamaForCausalLM(cfg)
     key = jax.random.key(0)
     ids = jax.random.randint(key, (8, 256), 0, cfg.vocab_size, jnp.int32)
     base = model.init(key, ids[:, :8])["params"]
@@ -71,7 +70,8 @@ def main():
     tx = optax.adamw(1e-4)
     apply = lj.lora(model.apply)
     full = jax.jit(B.adam_step(tx, lambda p, i: B.ce_loss(model.apply({"params": p}, i), i)))
-    ours = jax.jit(B.adam_step(tx, lambda t, f, i: B.ce_loss(apply({"params": lj.combine(t, f)}, i), i)))
+    ours = jax.jit(B.adam_step(
+        tx, lambda t, f, i: B.ce_loss(apply({"params": lj.combine(t, f)}, i), i)))
     out = {"full": profile(full, (base, tx.init(base), ids)),
            "lora": profile(ours, (tr, tx.init(tr), fr, ids))}
     for name, per in out.items():

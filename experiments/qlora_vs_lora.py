@@ -12,15 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_jax.cli import FinetuneConfig
-
-try:
-    from experiments._sweep import RESULTS, run, smooth, write
-except ImportError:  # run as a script
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from experiments._sweep import RESULTS, run, smooth, write
+from experiments._sweep import RESULTS, FinetuneConfig, run, smooth, write
 
 
 def main(argv=None):
@@ -31,14 +23,18 @@ def main(argv=None):
     ap.add_argument("--quants", nargs="+", default=["nf4", "none"])
     a = ap.parse_args(argv)
     base = FinetuneConfig(steps=a.steps, batch=a.batch, eval_size=a.eval_size)
-    print(f"QLoRA vs LoRA: r=8, {a.steps} steps x batch {a.batch}, {a.eval_size} held-out", flush=True)
+    print(f"QLoRA vs LoRA: r=8, {a.steps} steps x batch {a.batch}, {a.eval_size} held-out",
+          flush=True)
     rows = [run(q if q != "none" else "fp32", base, quant=q) for q in a.quants]
-    write("qlora_vs_lora", {"budget": {"steps": a.steps, "batch": a.batch, "eval_size": a.eval_size,
-                                       "rank": 8, "alpha": 16, "lr": base.lr}, "runs": rows})
-    print(f"\n{'base':6} {'base bytes':>12} {'acc before':>10} {'acc after':>9} {'loss(last10)':>13} {'s/step':>7}")
+    budget = {"steps": a.steps, "batch": a.batch, "eval_size": a.eval_size, "rank": 8,
+              "alpha": 16, "lr": base.lr}
+    write("qlora_vs_lora", {"budget": budget, "runs": rows})
+    print(f"\n{'base':6} {'base bytes':>12} {'acc before':>10} {'acc after':>9} "
+          f"{'loss(last10)':>13} {'s/step':>7}")
     for r in rows:
-        print(f"{r['label']:6} {r['base_stored_bytes'] / 1e6:>9.1f} MB {r['accuracy_before']:>10.3f} "
-              f"{r['accuracy_after']:>9.3f} {r['loss_last10']:>13.3f} {r['steady_seconds_per_step']:>7.2f}")
+        print(f"{r['label']:6} {r['base_stored_bytes'] / 1e6:>9.1f} MB "
+              f"{r['accuracy_before']:>10.3f} {r['accuracy_after']:>9.3f} "
+              f"{r['loss_last10']:>13.3f} {r['steady_seconds_per_step']:>7.2f}")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -46,7 +42,8 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     for r in rows:
         x, y = smooth(r["losses"])
-        ax.plot(x, y, label=f"{r['label']} base: acc {r['accuracy_before']:.2f} -> {r['accuracy_after']:.3f}")
+        acc = f"acc {r['accuracy_before']:.2f} -> {r['accuracy_after']:.3f}"
+        ax.plot(x, y, label=f"{r['label']} base: {acc}")
     ax.set_xlabel("step")
     ax.set_ylabel("answer loss (mean of 5)")
     ax.set_title("QLoRA (NF4 base) vs LoRA (fp32 base), SmolLM2-135M, r=8", fontsize=10)

@@ -1,7 +1,7 @@
 """Reconstruction error of NF4 vs FP4 vs int4 on Gaussian weights.
 
 Writes experiments/results/quant_error.json and quant_error.png and prints a
-table. Usage: ``python3 experiments/quant_error.py [--size 4096] [--seed 0]``.
+table. Usage: ``python -m experiments.quant_error [--size 4096] [--seed 0]``.
 """
 
 from __future__ import annotations
@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from lora_jax.quant.quantize import bits_per_param, quantize  # noqa: E402
+import lora_jax as lj
+from experiments import RESULTS
 
 CONFIGS = [
     ("nf4", dict(kind="nf4", block_size=64, double_quant=True)),
@@ -32,7 +31,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=str(RESULTS), help="output directory")
     args = ap.parse_args(argv)
     n = args.size
     w = jax.random.normal(jax.random.key(args.seed), (n, n), jnp.float32) * jnp.float32(0.02)
@@ -43,7 +42,7 @@ def main(argv=None):
     for name, cfg in CONFIGS:
         kind = cfg.pop("kind")
         t0 = time.perf_counter()
-        q = quantize(params, kind, **cfg)
+        q = lj.quantize(params, kind, **cfg)
         jax.block_until_ready(q)
         tq = time.perf_counter() - t0
         d = np.asarray(jax.jit(lambda t: t["layer"]["kernel"].materialize())(q), np.float64)
@@ -53,7 +52,7 @@ def main(argv=None):
             "rel_rmse": float(np.sqrt(np.mean(err ** 2)) / rms),
             "max_abs_err": float(np.max(np.abs(err))),
             "max_abs_err_over_std": float(np.max(np.abs(err)) / rms),
-            "bits_per_param": bits_per_param(q)["bits_per_param"],
+            "bits_per_param": lj.bits_per_param(q)["bits_per_param"],
             "quantize_seconds": tq,
         })
     out = pathlib.Path(args.out)

@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import lora_jax as lj
+from experiments import RESULTS
+from lora_jax.models import default_model_path, from_pretrained, load_tokenizer
+from lora_jax.recipes.finetune.data import load_rotten_tomatoes
+
 TARGETS = r"layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel"
 CONFIGS = [
     ("nf4", dict(kind="nf4", block_size=64, double_quant=True)),
@@ -48,11 +51,6 @@ def _kernels(params):
 
 
 def main(n_texts: int = 64, seq_len: int = 64):
-    from lora_jax.quant.quantize import bits_per_param, dequantize, quantize
-    from lora_jax.recipes.finetune.data import load_rotten_tomatoes
-    from lora_jax.models.loading import from_pretrained, load_tokenizer
-    from lora_jax.models.smollm2 import default_model_path
-
     path = default_model_path()
     model, params = from_pretrained(path)
     tok = load_tokenizer(path)
@@ -80,9 +78,9 @@ def main(n_texts: int = 64, seq_len: int = 64):
                 "nll": float(nll(params)), "per_module": {}}]
     for name, kw in CONFIGS:
         t0 = time.perf_counter()
-        q = jax.jit(lambda p, kw=kw: quantize(p, targets=TARGETS, **kw))(params)
-        bpp = bits_per_param(q)["bits_per_param"]
-        deq = jax.jit(dequantize)(q)
+        q = jax.jit(lambda p, kw=kw: lj.quantize(p, targets=TARGETS, **kw))(params)
+        bpp = lj.bits_per_param(q)["bits_per_param"]
+        deq = jax.jit(lj.dequantize)(q)
         got = _kernels(deq)
         num = den = 0.0
         per: dict[str, list[float]] = {}
@@ -107,9 +105,11 @@ def main(n_texts: int = 64, seq_len: int = 64):
 
     mods = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     print(f"{n_q:,} projection parameters quantized; NLL on {n_texts} review snippets")
-    print(f"{'format':30} {'bits/param':>10} {'rel err':>8} {'NLL':>7}  " + " ".join(f"{m[:6]:>7}" for m in mods))
+    print(f"{'format':30} {'bits/param':>10} {'rel err':>8} {'NLL':>7}  "
+          + " ".join(f"{m[:6]:>7}" for m in mods))
     for r in results:
-        print(f"{r['format']:30} {r['bits_per_param']:>10.3f} {r['rel_error']:>8.4f} {r['nll']:>7.4f}  "
+        print(f"{r['format']:30} {r['bits_per_param']:>10.3f} {r['rel_error']:>8.4f} "
+              f"{r['nll']:>7.4f}  "
               + " ".join(f"{r['per_module'].get(m, 0.0):>7.4f}" for m in mods))
 
     plot(res)
@@ -127,7 +127,8 @@ def plot(res):
     x = np.arange(len(mods))
     w = 0.8 / len(qs)
     for k, r in enumerate(qs):
-        axes[0].bar(x + (k - (len(qs) - 1) / 2) * w, [r["per_module"][m] for m in mods], w, label=r["format"])
+        axes[0].bar(x + (k - (len(qs) - 1) / 2) * w, [r["per_module"][m] for m in mods], w,
+                    label=r["format"])
     axes[0].set_xticks(x, [m.replace("_proj", "") for m in mods])
     axes[0].set_ylabel("relative Frobenius error")
     axes[0].set_title("SmolLM2-135M projections: ||W-Q(W)||/||W||", fontsize=10)

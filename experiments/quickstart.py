@@ -1,6 +1,6 @@
 """LoRA-train a small Flax model on a synthetic task and print the loss falling.
 
-    python experiments/quickstart.py
+    python -m experiments.quickstart
 """
 
 import flax.linen as nn

@@ -18,15 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_jax.cli import FinetuneConfig
-
-try:
-    from experiments._sweep import RESULTS, run, smooth, write
-except ImportError:  # run as a script
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from experiments._sweep import RESULTS, run, smooth, write
+from experiments._sweep import RESULTS, FinetuneConfig, run, smooth, write
 
 
 def _agg(rows):
@@ -59,8 +51,8 @@ def main(argv=None):
     ap.add_argument("--append", action="store_true",
                     help="add these seeds' runs to the existing rank_sweep.json")
     a = ap.parse_args(argv)
-    base = FinetuneConfig(quant="none", steps=a.steps, batch=a.batch, eval_size=a.eval_size, lr=2e-3,
-                          split_seed=0)
+    base = FinetuneConfig(quant="none", steps=a.steps, batch=a.batch, eval_size=a.eval_size,
+                          lr=2e-3, split_seed=0)
     rows, before = [], None
     if a.append and (RESULTS / "rank_sweep.json").exists():
         old = json.loads((RESULTS / "rank_sweep.json").read_text())
@@ -79,9 +71,9 @@ def main(argv=None):
                             eval_before=False))
     seeds = sorted({r["config"]["seed"] for r in rows})
     agg = _agg(rows)
+    alpha_label = a.alpha if a.alpha_per_rank is None else f"{a.alpha_per_rank:g}r"
     payload = {"budget": {"steps": a.steps, "batch": a.batch, "eval_size": a.eval_size,
-                          "lr_lora": 2e-3,
-                          "alpha": a.alpha if a.alpha_per_rank is None else f"{a.alpha_per_rank:g}r",
+                          "lr_lora": 2e-3, "alpha": alpha_label,
                           "lr_full": a.full_lr, "base": "fp32",
                           "seeds": seeds, "split_seed": 0},
                "accuracy_before": before,
@@ -93,7 +85,8 @@ def main(argv=None):
     write("rank_sweep", payload)
 
     print(f"\naccuracy before training: {before:.3f}; seeds {seeds}")
-    print(f"{'run':10} {'trainable':>12} {'%':>8} {'acc (mean)':>10} {'per seed':>18} {'loss(last10)':>13}")
+    print(f"{'run':10} {'trainable':>12} {'%':>8} {'acc (mean)':>10} {'per seed':>18} "
+          f"{'loss(last10)':>13}")
     for k, v in agg.items():
         f = v["first"]
         print(f"{k:10} {f['trainable_params']:>12,} {f['trainable_percent']:>7.3f}% "
@@ -114,11 +107,13 @@ def main(argv=None):
     axes[0].legend(fontsize=7)
     axes[0].grid(alpha=0.3)
     lora_rows = [r for r in rows if r["label"].startswith("r=")]
-    axes[1].plot([r["config"]["rank"] for r in lora_rows], [r["accuracy_after"] for r in lora_rows], "o-",
+    axes[1].plot([r["config"]["rank"] for r in lora_rows],
+                 [r["accuracy_after"] for r in lora_rows], "o-",
                  label=f"LoRA (mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
     for k, v in agg.items():
         if k.startswith("r="):
-            axes[1].scatter([v["first"]["config"]["rank"]] * len(v["acc"]), v["acc"], c="C0", s=10, alpha=0.4)
+            axes[1].scatter([v["first"]["config"]["rank"]] * len(v["acc"]), v["acc"], c="C0",
+                            s=10, alpha=0.4)
     for r in rows:
         if r["label"] == "full FT":
             axes[1].axhline(r["accuracy_after"], c="C3", ls="--", label="full fine-tuning")

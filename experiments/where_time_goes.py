@@ -1,6 +1,6 @@
 """Why the LoRA/full wall-time ratio on XLA:CPU sits above the FLOPs ratio.
 
-    python experiments/where_time_goes.py   # after experiments/bench.py (reads its JSON)
+    python -m experiments.where_time_goes   # after python -m experiments.bench (reads its JSON)
 
 Measures this machine's dense f32 matmul rate on the model's own projection shapes, then
 splits each grad step of experiments/bench.py into matmul time (its XLA FLOPs at that rate)
@@ -9,13 +9,12 @@ optimizer update, copies) which LoRA does not shrink.
 """
 
 import json
-import pathlib
 import statistics
 import time
 
 import jax
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+from experiments import RESULTS
 
 
 def matmul_rate(tokens=2048, d=512, f=1408, reps=7):

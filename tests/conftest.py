@@ -1,14 +1,36 @@
-"""Strict JAX for every test: no silent dtype or rank promotion, fixed keys."""
+"""Strict JAX for every test: no silent dtype or rank promotion, fixed keys, 8 CPU devices.
+
+Warnings are errors through pyproject.toml's ``filterwarnings``; hypothesis draws a fixed
+sequence of examples (``derandomize``) so a failure reproduces on the next run.
+"""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax initialises its backends; appended so other XLA flags survive.
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} --xla_force_host_platform_device_count=8".strip()
 
+import hypothesis  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-jax.config.update("jax_numpy_rank_promotion", "raise")
+STRICT = {"jax_numpy_dtype_promotion": "strict", "jax_numpy_rank_promotion": "raise"}
+for _name, _value in STRICT.items():
+    jax.config.update(_name, _value)
+
+hypothesis.settings.register_profile("lora_jax", derandomize=True, database=None)
+hypothesis.settings.load_profile("lora_jax")
+
+
+@pytest.fixture(autouse=True)
+def _strict_jax():
+    """Fail the test that leaves a promotion mode loosened (it would weaken every later test)."""
+    yield
+    leaked = {k: getattr(jax.config, k) for k in STRICT if getattr(jax.config, k) != STRICT[k]}
+    for name in leaked:
+        jax.config.update(name, STRICT[name])
+    assert not leaked, f"test changed jax config {leaked}; use a `with` context manager instead"
 
 
 @pytest.fixture

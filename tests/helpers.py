@@ -1,4 +1,6 @@
-"""Shared test utilities: random adapters and the merged-vs-lora comparison."""
+"""The one module of shared test utilities: random adapters, small Llama configs, tolerance
+checks and the merged-vs-lora comparison. Test files import it as ``helpers`` (tests/ is on
+sys.path under pytest)."""
 
 from __future__ import annotations
 
@@ -10,18 +12,48 @@ import numpy as np
 
 import lora_jax as lj
 
+# Small odd Llama sizes (HF ``LlamaConfig`` and ours take the same names); head_dim must be
+# even for RoPE, and 5 * 6 != 35 on purpose. Callers add num_key_value_heads / tying.
+SMALL_LLAMA = dict(
+    vocab_size=97,
+    hidden_size=35,
+    intermediate_size=33,
+    num_hidden_layers=3,
+    num_attention_heads=5,
+    head_dim=6,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500.0,
+)
+
+
+def randomize(params, key, fields=("b",), scale=0.3, node_type=None):
+    """Draw ``fields`` of every ``node_type`` node (default LoraWeight) from N(0, scale^2),
+    one key per node (split further per field when there are several)."""
+    node_type = lj.LoraWeight if node_type is None else node_type
+    flat, treedef = jax.tree.flatten(params, is_leaf=lambda x: isinstance(x, node_type))
+    out = []
+    for k, leaf in zip(jax.random.split(key, len(flat)), flat):
+        if isinstance(leaf, node_type):
+            keys = jax.random.split(k, len(fields)) if len(fields) > 1 else [k]
+            new = {}
+            for f, kf in zip(fields, keys):
+                x = getattr(leaf, f)
+                new[f] = (jax.random.normal(kf, x.shape, jnp.float32) * scale).astype(x.dtype)
+            leaf = dataclasses.replace(leaf, **new)
+        out.append(leaf)
+    return jax.tree.unflatten(treedef, out)
+
 
 def randomize_b(params, key, scale=0.3):
     """Give every LoraWeight a random B so the adapter changes the output."""
-    flat, treedef = jax.tree.flatten(params, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
-    keys = jax.random.split(key, len(flat))
-    out = []
-    for k, leaf in zip(keys, flat):
-        if isinstance(leaf, lj.LoraWeight):
-            b = (jax.random.normal(k, leaf.b.shape, jnp.float32) * scale).astype(leaf.b.dtype)
-            leaf = dataclasses.replace(leaf, b=b)
-        out.append(leaf)
-    return jax.tree.unflatten(treedef, out)
+    return randomize(params, key, ("b",), scale)
+
+
+def randomize_ab(params, key, scale=1.0):
+    """Random A and B on every LoraWeight (a fresh lorafy has B = 0, which a checkpoint
+    compresses to nothing and which hides A from every output)."""
+    return randomize(params, key, ("a", "b"), scale)
 
 
 def tx_update(tx, grads, state, params=None):
@@ -86,14 +118,16 @@ def check_lora_matches_merged(fn, params, args, *, key, targets=None, rank=2, la
     return lp
 
 
-def random_hf_llama(torch, transformers):
-    """A small odd-sized GQA transformers Llama with N(0, 0.3) weights (seeded), in eval mode."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=35, intermediate_size=33,
-                                   num_hidden_layers=2, num_attention_heads=5,
-                                   num_key_value_heads=1, head_dim=6, max_position_embeddings=64,
-                                   rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=False)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
+def random_hf_llama(torch, transformers, *, seed=0, **config):
+    """A transformers Llama in eval mode with N(0, 0.3) weights from torch seed ``seed`` (larger
+    than the 0.02 init so that errors show). Sizes are SMALL_LLAMA's with 2 layers, 64
+    positions, one KV head (GQA) and untied embeddings, each overridable by ``config``."""
+    cfg = {**SMALL_LLAMA, "num_hidden_layers": 2, "max_position_embeddings": 64,
+           "num_key_value_heads": 1, "tie_word_embeddings": False, **config}
+    if cfg.get("rope_scaling") is not None:
+        cfg["rope_scaling"] = dict(cfg["rope_scaling"])  # transformers mutates it
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.3)
