@@ -23,6 +23,13 @@ def test_readme_tour(capsys):
     assert float(last) < 0.5 * float(first)
 
 
+def test_readme_frameworks():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Use it with your framework", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md#frameworks", "exec"), {})
+
+
 def _modules_with_examples():
     import lora_jax
     names = []

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax.variants.multi import (MultiLoraWeight, add_adapter, add_weighted_adapter, adapter_ids, adapter_names, remove_adapter, restore_adapters, save_adapters, set_adapter, stack_adapters, to_peft_adapters, unstack_adapter, with_adapter_ids)
+from lora_jax import (MultiLoraWeight, add_adapter, add_weighted_adapter, adapter_ids, adapter_names, remove_adapter, set_adapter, stack_adapters, unstack_adapter, with_adapter_ids)
+from lora_jax import restore_adapters, save_adapters, to_peft_adapters
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from helpers import close, random_hf_llama, randomize_b
 
@@ -143,7 +144,7 @@ def test_add_remove_and_errors(llama):
             apply({"params": with_adapter_ids(emb, [0, 1, 0, 1, 0])}, x)
     with pytest.raises(ValueError, match="another tree structure"):
         stack_adapters({"a": ad["a"], "c": {"x": ad["b"]}})
-    from lora_jax.variants.dora import to_dora
+    from lora_jax import to_dora
     with pytest.raises(TypeError, match="only plain LoRA adapters"):
         stack_adapters({"a": ad["a"], "d": to_dora(ad["b"])})
 
@@ -212,11 +213,11 @@ def hf_base(tmp_path_factory):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from lora_jax.models import loading
+    from lora_jax.models import from_pretrained
     hf = random_hf_llama(torch, transformers)
     path = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(path)
-    model, params = loading.from_pretrained(path)
+    model, params = from_pretrained(path)
     return path, model, params
 
 

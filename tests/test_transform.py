@@ -45,7 +45,7 @@ def test_dense_general_multi_axis(key):
     x = jax.random.normal(key, (2, 4, 5))
     fn, p = _linen(M(), x, key)
     layout = {"qkv": (0, 1), "proj": (0, 2)}
-    assert lj.infer_layout(fn, p, x) == {"qkv/kernel": (0, 1), "proj/kernel": (0, 2)}
+    assert lj.infer_layout(fn, p, x) == {"qkv/kernel": (0, (0,)), "proj/kernel": (0, (0, 1))}
     lp = check_lora_matches_merged(fn, p, (x,), key=key, layout=layout)
     assert lp["qkv"]["kernel"].a.shape == (5, 2) and lp["qkv"]["kernel"].b.shape == (2, 3, 7)
     assert lp["proj"]["kernel"].a.shape == (3, 7, 2) and lp["proj"]["kernel"].b.shape == (2, 5)
@@ -73,7 +73,7 @@ def test_conv(key):
     x = jax.random.normal(key, (2, 9, 9, 5))
     fn, p = _linen(m, x, key)
     layout = lj.infer_layout(fn, p, x)
-    assert layout == {"kernel": (0, 3)}
+    assert layout == {"kernel": (0, (0, 1, 2))}
     lp = check_lora_matches_merged(fn, p, (x,), key=key, rank=3, tol=5e-5, layout=layout)
     assert lp["kernel"].a.shape == (3, 3, 5, 3) and lp["kernel"].b.shape == (3, 7)
     lj.lora(fn, strict=True)(lp, x)
@@ -83,8 +83,8 @@ def test_conv_strided_1d(key):
     m = nn.Sequential([nn.Conv(7, kernel_size=(3,), strides=(2,), padding="VALID")])
     x = jax.random.normal(key, (2, 11, 5))
     fn, p = _linen(m, x, key)
-    assert lj.default_layout("layers_0/kernel", (3, 5, 7)) == (1, 1)   # a shape can't tell
-    assert lj.default_layout("Conv_0/kernel", (3, 5, 7)) == (0, 2)     # the name can
+    assert lj.default_layout("layers_0/kernel", (3, 5, 7)) == (1, (0,))   # a shape can't tell
+    assert lj.default_layout("Conv_0/kernel", (3, 5, 7)) == (0, (0, 1))     # the name can
     check_lora_matches_merged(fn, p, (x,), key=key, tol=5e-5, layout=lj.infer_layout(fn, p, x))
 
 
@@ -124,7 +124,7 @@ def test_scan_remat_stack(key):
     x = jax.random.normal(key, (2, 4, 5))
     fn, p = _linen(Stack(), x, key)
     assert p["layers"]["up"]["kernel"].shape == (3, 5, 9)
-    assert lj.infer_layout(fn, p, x) == {"layers/up/kernel": (1, 1), "layers/down/kernel": (1, 1)}
+    assert lj.infer_layout(fn, p, x) == {"layers/up/kernel": (1, (0,)), "layers/down/kernel": (1, (0,))}
     lp = check_lora_matches_merged(fn, p, (x,), key=key, targets="kernel")
     w = lp["layers"]["up"]["kernel"]
     assert w.a.shape == (3, 5, 2) and w.b.shape == (3, 2, 9) and w.stack_ndim == 1

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import lora_jax as lj
-from lora_jax.variants.dora import (DoraWeight, dorafy, loraplus_labels, loraplus_optimizer, olora_init, pissa_init, to_dora)
+from lora_jax import (DoraWeight, dorafy, loraplus_labels, loraplus_optimizer, olora_init, pissa_init, to_dora)
 from helpers import close, random_hf_llama, randomize_b, tx_update
 
 
@@ -112,8 +112,8 @@ def _torch_dora_llama(tmp_path):
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 def test_dora_matches_peft_llama(tmp_path):
     torch, pm = _torch_dora_llama(tmp_path)
-    from lora_jax.models import loading
-    model, params = loading.from_pretrained(tmp_path)
+    from lora_jax.models import from_pretrained
+    model, params = from_pretrained(tmp_path)
     sd = {k: v.detach().numpy() for k, v in pm.state_dict().items()}
     mods = {"q_proj": "self_attn", "v_proj": "self_attn", "down_proj": "mlp"}
     dp = lj.lorafy(params, rank=3, alpha=7.0, targets=r"(q_proj|v_proj|down_proj)/kernel$")

@@ -1,7 +1,28 @@
 """The implicit-array base, the jaxpr interpreter and its rule registry; knows no LoRA."""
 
+from lora_jax.core import control_flow as _control_flow  # noqa: F401  (registers its rules)
 from lora_jax.core.implicit import ImplicitArray
+from lora_jax.core.implicit import dense
+from lora_jax.core.implicit import is_implicit
+from lora_jax.core.implicit import node
+from lora_jax.core.implicit import static
+from lora_jax.core.interpreter import Context
+from lora_jax.core.interpreter import MaterializationError
+from lora_jax.core.interpreter import MaterializationWarning
+from lora_jax.core.interpreter import interpret
+from lora_jax.core.registry import register
+from lora_jax.core.tree import path_str
 
 __all__ = (
+    "Context",
     "ImplicitArray",
+    "MaterializationError",
+    "MaterializationWarning",
+    "dense",
+    "interpret",
+    "is_implicit",
+    "node",
+    "path_str",
+    "register",
+    "static",
 )

@@ -1,34 +1,44 @@
-"""LoraWeight, its rules, lorafy/merge, layouts, targets, and the train/frozen split."""
+"""LoraWeight, its rules, lorafy/merge, layouts, and the train/frozen split."""
 
+from lora_jax.core import MaterializationError
+from lora_jax.core import MaterializationWarning
 from lora_jax.lora.infer import infer_layout
 from lora_jax.lora.layout import default_layout
+from lora_jax.lora.layout import resolve_layout
 from lora_jax.lora.lorafy import lorafy
 from lora_jax.lora.lorafy import merge
-from lora_jax.lora.weight import LoraWeight
+from lora_jax.lora.rules import dot_rule
 from lora_jax.lora.train import combine
 from lora_jax.lora.train import count_params
 from lora_jax.lora.train import lora_optimizer
 from lora_jax.lora.train import split
 from lora_jax.lora.train import trainable_labels
 from lora_jax.lora.train import trainable_mask
-from lora_jax.lora.transform import MaterializationError
-from lora_jax.lora.transform import MaterializationWarning
 from lora_jax.lora.transform import lora
 from lora_jax.lora.transform import register_dot_rule
+from lora_jax.lora.weight import AdapterNode
+from lora_jax.lora.weight import LoraWeight
+from lora_jax.lora.weight import is_adapter
+from lora_jax.lora.weight import lora_scale
 
 __all__ = (
+    "AdapterNode",
     "LoraWeight",
     "MaterializationError",
     "MaterializationWarning",
     "combine",
     "count_params",
     "default_layout",
+    "dot_rule",
     "infer_layout",
+    "is_adapter",
     "lora",
     "lora_optimizer",
+    "lora_scale",
     "lorafy",
     "merge",
     "register_dot_rule",
+    "resolve_layout",
     "split",
     "trainable_labels",
     "trainable_mask",

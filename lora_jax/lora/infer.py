@@ -1,9 +1,12 @@
-"""infer_layout: read each kernel's (stacked, input) axes off how fn uses it.
+"""infer_layout: read each weight's (stacked, input) axes off how a function uses it.
 
-A shape cannot tell a scanned Dense (L, d, f) from a DenseGeneral (d, h, hd),
-nor a conv kernel from a stacked matrix. The jaxpr can: a leaf sliced by
-``scan`` has a stacked axis, the axes a ``dot_general`` contracts are inputs,
-a conv kernel's inputs are everything but its output-feature axis.
+A shape cannot tell a scanned Dense ``(L, d, f)`` from a DenseGeneral
+``(d, h, hd)``, an ``(out, in)`` Equinox matrix from an ``(in, out)`` Flax one,
+nor a conv kernel from a stacked matrix. The function can. Each parameter is
+replaced by a probe node and ``fn`` runs abstractly under the same interpreter
+as ``lora(fn)`` (so every control-flow construct it understands, this
+understands); the probe's rules note which of the parameter's axes each
+``dot_general``, convolution or gather contracts, batches, or indexes away.
 
 Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -11,102 +14,166 @@ Example:
     >>> x = jnp.ones((1, 9, 9, 5))
     >>> p = m.init(jax.random.key(0), x)["params"]
     >>> infer_layout(lambda p, x: m.apply({"params": p}, x), p, x)
-    {'kernel': (0, 3)}
+    {'kernel': (0, (0, 1, 2))}
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 
-from lora_jax.core import compat as _compat
-from lora_jax.core.tree import path_str
-from lora_jax.core.implicit import is_implicit
-
-# A tracked value: (leaf index, tuple mapping each axis to the leaf's axis or None, n_sliced)
+from lora_jax.core import ImplicitArray, compat, interpret, is_implicit, node, path_str, register, static
 
 
-def infer_layout(fn, params, *args, **kwargs) -> dict[str, tuple[int, int]]:
-    """``{path: (stack_ndim, in_ndim)}`` for every ``params`` leaf ``fn`` contracts.
+@node
+@dataclasses.dataclass(frozen=True)
+class _Probe(ImplicitArray):
+    """Stands for parameter ``leaf``; ``axes`` maps its axes to the parameter's.
 
-    Pass the result as ``lorafy(..., layout=...)`` / ``quantize(..., layout=...)``.
-    ``fn(params, *args, **kwargs)`` is traced abstractly (no FLOPs). Leaves used
-    in ways the (in, out) layout cannot express are left out (the default applies).
+    ``value`` (zeros) carries the current shape, so ``scan`` slicing shows: the
+    leading ``len(axes) - value.ndim`` entries of ``axes`` are the sliced ones.
     """
+
+    value: Any
+    leaf: int = static(0)
+    axes: tuple = static(())
+    indexed: tuple = static(())      # parameter axes removed by indexing (w[0])
+
+    shape = property(lambda self: tuple(self.value.shape))
+    dtype = property(lambda self: self.value.dtype)
+
+    def current(self) -> tuple:
+        return self.axes[len(self.axes) - self.value.ndim:]
+
+    def stacked(self) -> list:
+        return [*self.axes[:len(self.axes) - self.value.ndim], *self.indexed]
+
+    def materialize(self):
+        return self.value
+
+    def astype(self, dtype):
+        return dataclasses.replace(self, value=self.value.astype(dtype))
+
+
+class _Record:
+    """What the probes saw: ``{leaf: (stack_ndim, in_axes)}`` and which were gathered."""
+
+    def __init__(self, ndims: list[int]):
+        self.ndims = ndims
+        self.layouts: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self.gathered: set[int] = set()
+
+    def note(self, probe: _Probe, contract, batch, *, gather: bool = False) -> None:
+        cur = probe.current()
+        stack = sorted([*probe.stacked(), *(cur[a] for a in batch)])
+        k = len(stack)
+        ins = tuple(sorted(cur[a] - k for a in contract))
+        if gather:
+            self.gathered.add(probe.leaf)
+            self.layouts.pop(probe.leaf, None)
+        elif probe.leaf in self.layouts or probe.leaf in self.gathered:
+            return
+        if stack != list(range(k)) or not ins or min(ins) < 0 or len(ins) >= self.ndims[probe.leaf] - k:
+            return
+        self.layouts[probe.leaf] = (k, ins)
+
+
+_RECORD: list[_Record] = []
+
+
+def _bind_dense(eqn, invals):
+    outs = compat.bind(eqn, *[x.materialize() if is_implicit(x) else x for x in invals])
+    return outs
+
+
+@register("dot_general", _Probe)
+def _probe_dot(eqn, invals, ctx):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = invals
+    for x, other, c, b in ((lhs, rhs, lc, lb), (rhs, lhs, rc, rb)):
+        if isinstance(x, _Probe) and not isinstance(other, _Probe):
+            _RECORD[-1].note(x, c, b)
+    return _bind_dense(eqn, invals)
+
+
+@register("conv_general_dilated", _Probe)
+def _probe_conv(eqn, invals, ctx):
+    w = invals[1]
+    if isinstance(w, _Probe) and not isinstance(invals[0], _Probe):
+        out_ax = eqn.params["dimension_numbers"].rhs_spec[0]
+        _RECORD[-1].note(w, [a for a in range(w.value.ndim) if a != out_ax], [])
+    return _bind_dense(eqn, invals)
+
+
+@register("gather", _Probe)
+def _probe_gather(eqn, invals, ctx):
+    w = invals[0]
+    if isinstance(w, _Probe) and not isinstance(invals[1], _Probe):
+        _RECORD[-1].note(w, tuple(eqn.params["dimension_numbers"].collapsed_slice_dims), [],
+                         gather=True)
+    return _bind_dense(eqn, invals)
+
+
+@register("transpose", _Probe)
+def _probe_transpose(eqn, invals, ctx):
+    (w,) = invals
+    cur, perm = w.current(), eqn.params["permutation"]
+    head = w.axes[:len(w.axes) - len(cur)]
+    return dataclasses.replace(w, value=jnp.transpose(w.value, perm),
+                               axes=(*head, *(cur[a] for a in perm)))
+
+
+@register("squeeze", _Probe)
+def _probe_squeeze(eqn, invals, ctx):
+    (w,) = invals
+    cur, dims = w.current(), set(eqn.params["dimensions"])
+    head = w.axes[:len(w.axes) - len(cur)]
+    return dataclasses.replace(
+        w, value=jnp.squeeze(w.value, tuple(dims)),
+        axes=(*head, *(a for i, a in enumerate(cur) if i not in dims)),
+        indexed=(*w.indexed, *(cur[i] for i in sorted(dims))))
+
+
+@register("slice", _Probe)
+def _probe_slice(eqn, invals, ctx):
+    (w,) = invals
+    return dataclasses.replace(w, value=compat.bind(eqn, w.value))
+
+
+def infer_layout(fn, params, *args, **kwargs) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """``{path: (stack_ndim, in_axes)}`` for every ``params`` leaf that ``fn`` contracts.
+
+    ``fn(params, *args, **kwargs)`` is traced abstractly (no FLOPs). A leaf used
+    in a ``dot_general`` or convolution against an activation gets the axes
+    that use contracts; a leaf gathered by rows (an embedding) gets its row axis
+    as input. Leaves never contracted, or contracted with stacked axes that are
+    not leading, are left out. Pass the result as ``lorafy(..., layout=...)``.
+    """
+    return {path: lay for path, (lay, _) in usage(fn, params, args, kwargs).items()}
+
+
+def usage(fn, params, args=(), kwargs=None) -> dict[str, tuple[tuple[int, tuple], bool]]:
+    """``{path: (layout, gathered)}``: :func:`infer_layout` plus whether the leaf was
+    gathered by rows (an embedding table) rather than contracted as a weight."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_implicit)
     paths = [path_str(p) for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
-    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    shaped = [i for i, x in enumerate(leaves) if hasattr(x, "shape") and hasattr(x, "dtype")]
 
-    def flat_fn(*xs):
-        return fn(jax.tree.unflatten(treedef, xs), *args, **kwargs)
+    def run(*values):
+        full = list(leaves)
+        for i, v in zip(shaped, values):
+            full[i] = _Probe(jnp.zeros(v.shape, v.dtype), leaf=i, axes=tuple(range(len(v.shape))))
+        return interpret(fn)(jax.tree.unflatten(treedef, full), *args, **(kwargs or {}))
 
-    closed = jax.make_jaxpr(flat_fn)(*avals)
-    found: dict[int, tuple[int, int]] = {}
-    env_in = [(i, tuple(range(len(a.shape))), 0) for i, a in enumerate(avals)]
-    _walk(closed.jaxpr, env_in, found)
-    return {paths[i]: lay for i, lay in found.items()}
-
-
-def _walk(jaxpr, in_tracks, found):
-    env = {v: t for v, t in zip(jaxpr.invars, in_tracks) if t is not None}
-
-    def get(v):
-        return None if isinstance(v, _compat.Literal) else env.get(v)
-
-    for eqn in jaxpr.eqns:
-        tracks = [get(v) for v in eqn.invars]
-        if not any(t is not None for t in tracks):
-            continue
-        name, p = eqn.primitive.name, eqn.params
-        if name == "dot_general":
-            (lc, rc), (lb, rb) = p["dimension_numbers"]
-            for t, c, b in ((tracks[0], lc, lb), (tracks[1], rc, rb)):
-                if t is not None:
-                    _record(t, c, b, found)
-        elif name == "conv_general_dilated" and tracks[1] is not None:
-            t = tracks[1]
-            out_ax = p["dimension_numbers"].rhs_spec[0]
-            _record(t, tuple(a for a in range(len(t[1])) if a != out_ax), (), found)
-        elif name == "gather" and tracks[0] is not None:
-            _record(tracks[0], tuple(p["dimension_numbers"].collapsed_slice_dims), (), found)
-        elif name in ("convert_element_type", "copy", "copy_p") and tracks[0] is not None:
-            env[eqn.outvars[0]] = tracks[0]
-        elif name == "transpose" and tracks[0] is not None:
-            i, amap, n = tracks[0]
-            env[eqn.outvars[0]] = (i, tuple(amap[a] for a in p["permutation"]), n)
-        elif name in _compat.JIT_NAMES or name in _compat.REMAT_NAMES or name in _compat.CUSTOM_NAMES:
-            inner = p.get("jaxpr", p.get("call_jaxpr"))
-            if inner is not None:
-                j, _ = _compat.open_jaxpr(inner)
-                _walk(j, tracks[len(tracks) - len(j.invars):], found)
-        elif name == "scan":
-            n_consts, n_carry = _compat.scan_counts(p, len(tracks))
-            j, _ = _compat.open_jaxpr(p["jaxpr"])
-            inner = list(tracks[:n_consts]) + [None] * n_carry
-            for t in tracks[n_consts + n_carry:]:
-                inner.append(None if t is None or not t[1] or t[1][0] is None
-                             else (t[0], t[1][1:], t[2] + 1))
-            _walk(j, inner, found)
-        elif name == "cond":
-            for br in p["branches"]:
-                j, _ = _compat.open_jaxpr(br)
-                _walk(j, tracks[1:], found)
-        elif name == "while":
-            nc, nb = p["cond_nconsts"], p["body_nconsts"]
-            j, _ = _compat.open_jaxpr(p["body_jaxpr"])
-            _walk(j, list(tracks[nc:nc + nb]) + [None] * (len(tracks) - nc - nb), found)
-
-
-def _record(track, contract, batch, found):
-    i, amap, n_sliced = track
-    if i in found or any(amap[a] is None for a in (*contract, *batch)):
-        return
-    lead = sorted(amap[a] for a in batch)
-    ins = sorted(amap[a] for a in contract)
-    stack = n_sliced + len(lead)
-    # The (in, out) layout needs [*stacked, *inputs, *outputs] in that order.
-    if lead != list(range(n_sliced, stack)) or ins != list(range(stack, stack + len(ins))):
-        return
-    if stack + len(ins) >= len(amap) + n_sliced:
-        return
-    found[i] = (stack, len(ins))
+    record = _Record([len(x.shape) if i in shaped else 0 for i, x in enumerate(leaves)])
+    _RECORD.append(record)
+    try:
+        jax.eval_shape(run, *[jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype)
+                              for i in shaped])
+    finally:
+        _RECORD.pop()
+    return {paths[i]: (lay, i in record.gathered) for i, lay in record.layouts.items()}

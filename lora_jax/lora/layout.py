@@ -1,10 +1,15 @@
-"""Which axes of a kernel are stacked layers, inputs and outputs.
+"""Which axes of a weight are stacked layers, inputs and outputs.
 
-Flax stores every kernel as ``[*S, *I, *O]``: S are leading axes added by
-``nn.scan``/``nn.vmap``, I the axes contracted with the input, O the output
-axes. The split cannot be read off a shape — (L, d, f) from a scanned Dense and
-(d, heads, head_dim) from a DenseGeneral look alike — so it comes from the key
-path, and users with other conventions pass ``layout=``.
+A layout is ``(stack_ndim, in_axes)``: the leading ``stack_ndim`` axes are
+stacked layers (``nn.scan``, ``hk.layer_stack``, ``nnx.vmap``), and ``in_axes``
+are the positions, among the remaining axes, of the axes the function
+contracts with its input (in any order and position); the rest are outputs.
+
+The right layout is read off how a function uses the weight
+(:func:`lora_jax.infer_layout`, or ``lorafy(..., fn=, args=)``). Without a
+function, :func:`default_layout` guesses from the path and shape: that cannot
+tell a scanned Dense ``(L, d, f)`` from a DenseGeneral ``(d, heads, hd)``, and
+``lora(fn)`` says so when the guess disagrees with the use.
 """
 
 from __future__ import annotations
@@ -12,56 +17,81 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Union
 
-from lora_jax.core.tree import path_str
+from lora_jax.core.targets import leaf_name
 
-Layout = tuple[int, int]  # (stack_ndim, in_ndim)
-LayoutSpec = Union[None, Callable[[str, Any], Layout], Mapping[str, Layout]]
+Layout = tuple[int, tuple[int, ...]]   # (stack_ndim, in_axes)
+LayoutSpec = Union[None, Callable[[str, Any], Any], Mapping[str, Any]]
 
-_CONV = re.compile(r"(^|/)[^/]*conv[^/]*/kernel$", re.IGNORECASE)
-_MHA_IN = re.compile(r"(^|/)(query|key|value)/kernel$")
-_MHA_OUT = re.compile(r"(^|/)out/kernel$")
+_MHA_IN = re.compile(r"(^|/)(query|key|value)$")
+_MHA_OUT = re.compile(r"(^|/)out$")
+
+
+def _module(path: str) -> str:
+    """The path without the leaf name (and NNX's ``value`` wrapper)."""
+    parts = path.split("/")
+    if len(parts) > 1 and parts[-1] in ("value", "raw_value"):
+        parts = parts[:-1]
+    return "/".join(parts[:-1])
 
 
 def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
-    """The (stack_ndim, in_ndim) Flax's own modules give a kernel of ``shape``.
+    """The layout the common frameworks' own modules give a weight of ``shape``.
 
-    * ``.../*conv*/kernel`` (HWIO, any spatial rank): I = spatial + in-features.
-    * ``query|key|value/kernel`` of MultiHeadDotProductAttention: (d, h, hd), I = 1;
-      ``out/kernel``: (h, hd, d), I = 2. One extra leading axis = stacked.
-    * anything else: a 2-D (in, out) matrix; extra leading axes are stacked layers.
+    * a conv module's weight (``conv`` in its path): HWIO ``kernel``/``w`` has the
+      spatial and in-feature axes as inputs; OIHW ``weight`` (Equinox, PyTorch)
+      everything but axis 0.
+    * Flax ``MultiHeadDotProductAttention``: ``query|key|value`` (d, h, hd) contract
+      axis 0, ``out`` (h, hd, d) axes 0 and 1. One extra leading axis = stacked.
+    * ``weight`` (PyTorch / Equinox convention): an ``(out, in)`` matrix.
+    * anything else (``kernel``, ``w``): an ``(in, out)`` matrix.
+    Extra leading axes of a matrix are stacked layers.
     """
     nd = len(shape)
-    if _CONV.search(path):
-        return 0, nd - 1
-    if _MHA_IN.search(path):
-        return nd - 3 if nd >= 3 else 0, 1
-    if _MHA_OUT.search(path):
-        return (nd - 3, 2) if nd >= 3 else (0, 1)
-    return max(nd - 2, 0), 1
+    name, module = leaf_name(path), _module(path)
+    if "conv" in module.rsplit("/", 1)[-1].lower() and nd >= 3:
+        if name == "weight":
+            return 0, tuple(range(1, nd))
+        return 0, tuple(range(nd - 1))
+    if _MHA_IN.search(module):
+        return (nd - 3 if nd >= 3 else 0), (0,)
+    if _MHA_OUT.search(module):
+        return (nd - 3, (0, 1)) if nd >= 3 else (0, (0,))
+    return max(nd - 2, 0), ((1,) if name == "weight" else (0,))
+
+
+def normalize(layout, path: str, shape: tuple[int, ...]) -> Layout:
+    """``(stack_ndim, in_axes)`` from a layout value; ``(s, k: int)`` means in_axes
+    ``(0, ..., k-1)``. Raises ValueError naming the leaf when it cannot apply."""
+    try:
+        s, ins = layout
+        s = int(s)
+        ins = tuple(range(int(ins))) if isinstance(ins, (int,)) else tuple(int(i) for i in ins)
+    except (TypeError, ValueError):
+        raise ValueError(f"layout for leaf {path!r} is {layout!r}; expected (stack_ndim, in_axes) "
+                         "such as (0, (0,)), or (stack_ndim, in_ndim).") from None
+    n = len(shape) - s
+    if s < 0 or not ins or len(set(ins)) != len(ins) or any(not 0 <= i < n for i in ins) \
+            or len(ins) >= n:
+        raise ValueError(
+            f"layout for leaf {path!r} of shape {tuple(shape)} is (stack_ndim={s}, in_axes={ins}); "
+            "it needs stack_ndim >= 0, distinct input axes among the non-stacked ones and at "
+            "least one output axis. Pass layout={regex: (stack_ndim, in_axes)}, or "
+            "lorafy(..., fn=, args=) to read it off the function.")
+    return s, ins
 
 
 def resolve_layout(layout: LayoutSpec, path: str, leaf) -> Layout:
+    """The layout of leaf ``path``: from ``layout`` (exact path, first matching regex,
+    or ``callable(path, leaf)``), else :func:`default_layout`."""
     shape = tuple(leaf.shape)
-    if layout is None:
-        out = default_layout(path, shape)
-    elif callable(layout):
+    out = None
+    if callable(layout):
         out = layout(path, leaf)
-        if out is None:
-            out = default_layout(path, shape)
-    elif path in layout:                       # exact paths, as infer_layout returns them
-        out = layout[path]
-    else:
-        out = None
-        for pattern, lay in layout.items():
-            if re.search(pattern, path):
-                out = lay
-                break
-        if out is None:
-            out = default_layout(path, shape)
-    s, i = (int(v) for v in out)
-    if s < 0 or i < 1 or s + i >= len(shape):
-        raise ValueError(
-            f"layout for leaf {path!r} of shape {shape} is (stack_ndim={s}, in_ndim={i}); "
-            "it needs stack_ndim >= 0, in_ndim >= 1 and at least one output axis. "
-            "Pass layout={regex: (stack_ndim, in_ndim)} or a callable(path, leaf).")
-    return s, i
+    elif layout is not None:
+        if path in layout:                       # exact paths, as infer_layout returns them
+            out = layout[path]
+        else:
+            out = next((lay for rx, lay in layout.items() if re.search(rx, path)), None)
+    if out is None:
+        out = default_layout(path, shape)
+    return normalize(out, path, shape)

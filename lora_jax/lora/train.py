@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import optax
 
 from lora_jax.lora.weight import is_adapter
 
@@ -53,7 +54,11 @@ def trainable_mask(params):
 
 
 def trainable_labels(params):
-    """``"trainable"`` on LoRA A/B leaves, ``"frozen"`` elsewhere: labels for ``optax.partition``."""
+    """``"trainable"`` on LoRA A/B leaves, ``"frozen"`` elsewhere: labels for ``optax.partition``.
+
+    The result has the structure of ``params``; for an Equinox module (which
+    optax would call as a function) pass ``lambda p: trainable_labels(p)``.
+    """
     return jax.tree.map(lambda m: "trainable" if m else "frozen", trainable_mask(params))
 
 
@@ -64,9 +69,9 @@ def lora_optimizer(tx, params):
     unchanged, so a full-tree step would still move biases and norms; this
     pairs it with ``optax.set_to_zero`` for the frozen leaves.
     """
-    import optax
+    # A callable, because optax calls a callable labels tree, and an Equinox module is one.
     return optax.partition({"trainable": tx, "frozen": optax.set_to_zero()},
-                           trainable_labels(params))
+                           lambda p: trainable_labels(p))
 
 
 def split(params):

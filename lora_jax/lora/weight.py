@@ -35,7 +35,13 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 
 
 class AdapterNode(ImplicitArray):
-    """Base of nodes over a frozen ``w0`` with low-rank factors ``a`` [..., r] and ``b``."""
+    """Base of nodes over a frozen ``w0`` with low-rank factors ``a`` [..., r] and ``b``.
+
+    ``in_axes`` are the positions, among the non-stacked axes of ``w0``, of the
+    axes a function contracts with its input; the rest are output axes.
+    Subclasses store ``in_axes`` (static); ``a`` is ``[*S, *I, r]`` after any extra axes
+    of their own (MultiLoraWeight's adapter axis overrides ``stack_ndim``).
+    """
 
     @property
     def rank(self) -> int:
@@ -49,23 +55,66 @@ class AdapterNode(ImplicitArray):
     def dtype(self):
         return self.w0.dtype
 
+    @property
+    def in_ndim(self) -> int:
+        return len(self.in_axes)
+
+    @property
+    def stack_ndim(self) -> int:
+        return self.a.ndim - len(self.in_axes) - 1
+
+    @property
+    def out_axes(self) -> tuple[int, ...]:
+        """Positions of the output axes among the non-stacked axes, ascending."""
+        ins = set(self.in_axes)
+        return tuple(j for j in range(len(self.shape) - self.stack_ndim) if j not in ins)
+
+    def to_canonical(self, x) -> jax.Array:
+        """An array in ``w0``'s axis order, rearranged to ``[*S, *I, *O]``."""
+        s = self.stack_ndim
+        return jnp.transpose(x, (*range(s), *(s + j for j in (*self.in_axes, *self.out_axes))))
+
+    def from_canonical(self, x) -> jax.Array:
+        """Inverse of :meth:`to_canonical`: ``[*S, *I, *O]`` to ``w0``'s axis order."""
+        s = self.stack_ndim
+        order = (*self.in_axes, *self.out_axes)
+        return jnp.transpose(x, (*range(s), *(s + order.index(j) for j in range(len(order)))))
+
+
+def in_axes_arg(in_axes, in_ndim) -> tuple[int, ...]:
+    """``in_axes`` from the constructor's ``in_axes=`` or its ``in_ndim=k`` shorthand."""
+    if in_axes is None:
+        return tuple(range(1 if in_ndim is None else int(in_ndim)))
+    if in_ndim is not None and int(in_ndim) != len(in_axes):
+        raise ValueError(f"in_ndim={in_ndim} disagrees with in_axes={tuple(in_axes)}.")
+    return tuple(int(i) for i in in_axes)
+
+
+def _set_fields(obj, **fields) -> None:
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)
+
 
 @node
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class LoraWeight(AdapterNode):
-    """Stands for ``w0 + scale * a @ b`` in the (in, out) layout.
+    """Stands for ``w0 + scale * a @ b``, the product arranged in ``w0``'s own axis order.
 
-    Shapes, with S the leading stacked-layer axes (``nn.scan``), I the input
-    (contracted) axes and O the output axes of the base weight::
+    With S the leading stacked-layer axes (``nn.scan``, ``hk.layer_stack``), I the
+    input (contracted) axes at positions ``in_axes`` among the rest, and O the
+    remaining output axes in ``w0``'s order::
 
-        w0: [*S, *I, *O]   (an array or a QuantizedWeight)
-        a:  [*S, *I, r]
+        w0: [*S, ...]      (any axis order; an array or a QuantizedWeight)
+        a:  [*S, *I, r]    (I in ``in_axes`` order)
         b:  [*S, r, *O]
 
-    ``in_ndim`` = len(I) is static; S is whatever leads ``a`` beyond I and r,
-    so slicing every leaf along axis 0 (as ``lax.scan`` does) yields the node
-    of one layer. ``scale`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
-    ``w0``, ``a`` or ``b`` may be ``None`` in the halves made by ``split``.
+    A Flax kernel ``(in, out)`` has ``in_axes=(0,)``; an Equinox/torch weight
+    ``(out, in)`` has ``in_axes=(1,)``; a Gemma einsum kernel ``NDH`` contracted
+    on D has ``in_axes=(1,)``. ``in_ndim=k`` is shorthand for ``in_axes=(0, ..., k-1)``.
+    S is whatever leads ``a`` beyond I and r, so slicing every leaf along axis 0
+    (as ``lax.scan`` does) yields the node of one layer. ``scale`` is ``alpha / r``
+    (``alpha / sqrt(r)`` with rsLoRA). ``w0``, ``a`` or ``b`` may be ``None`` in the
+    halves made by ``split``.
     """
 
     w0: Any
@@ -73,24 +122,26 @@ class LoraWeight(AdapterNode):
     b: Any
     alpha: float = static(8.0)
     rslora: bool = static(False)
-    in_ndim: int = static(1)
+    in_axes: tuple[int, ...] = static((0,))
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    def __init__(self, w0, a, b, *, alpha: float = 8.0, rslora: bool = False,
+                 in_axes=None, in_ndim: int | None = None):
+        _set_fields(self, w0=w0, a=a, b=b, alpha=alpha, rslora=rslora,
+                    in_axes=in_axes_arg(in_axes, in_ndim))
 
     @property
     def scale(self) -> float:
         return lora_scale(self.alpha, self.rank, self.rslora)
 
-    @property
-    def stack_ndim(self) -> int:
-        return self.a.ndim - self.in_ndim - 1
-
     def delta(self) -> jax.Array:
-        """``scale * a @ b`` as an array [*S, *I, *O] (forms the full product)."""
+        """``scale * a @ b`` as an array of ``w0``'s shape (forms the full product)."""
         s = self.stack_ndim
         stack = tuple(range(s))
         ab = jax.lax.dot_general(
             self.a, self.b, (((self.a.ndim - 1,), (s,)), (stack, stack)))
+        ab = self.from_canonical(ab)
         return (ab * jnp.asarray(self.scale, ab.dtype)).astype(self.dtype)
 
     def materialize(self) -> jax.Array:
@@ -99,8 +150,6 @@ class LoraWeight(AdapterNode):
     def astype(self, dtype) -> "LoraWeight":
         w0 = self.w0.astype(dtype)
         return dataclasses.replace(self, w0=w0, a=self.a.astype(dtype), b=self.b.astype(dtype))
-
-
 
 
 def is_adapter(x) -> bool:

@@ -1,25 +1,22 @@
 """DoRA, PiSSA/OLoRA init, LoRA+, and many adapters on one base."""
 
+from lora_jax.variants.dora import DoraWeight
+from lora_jax.variants.dora import dorafy
+from lora_jax.variants.dora import to_dora
+from lora_jax.variants.init import olora_init
+from lora_jax.variants.init import pissa_init
+from lora_jax.variants.loraplus import loraplus_labels
+from lora_jax.variants.loraplus import loraplus_optimizer
 from lora_jax.variants.multi import MultiLoraWeight
 from lora_jax.variants.multi import adapter_ids
 from lora_jax.variants.multi import adapter_names
-from lora_jax.variants.multi import add_adapter
-from lora_jax.variants.multi import add_weighted_adapter
-from lora_jax.variants.multi import remove_adapter
-from lora_jax.variants.multi import restore_adapters
-from lora_jax.variants.multi import save_adapters
-from lora_jax.variants.multi import set_adapter
-from lora_jax.variants.multi import stack_adapters
-from lora_jax.variants.multi import to_peft_adapters
 from lora_jax.variants.multi import unstack_adapter
 from lora_jax.variants.multi import with_adapter_ids
-from lora_jax.variants.dora import DoraWeight
-from lora_jax.variants.dora import dorafy
-from lora_jax.variants.dora import loraplus_labels
-from lora_jax.variants.dora import loraplus_optimizer
-from lora_jax.variants.dora import olora_init
-from lora_jax.variants.dora import pissa_init
-from lora_jax.variants.dora import to_dora
+from lora_jax.variants.stack import add_adapter
+from lora_jax.variants.stack import remove_adapter
+from lora_jax.variants.stack import set_adapter
+from lora_jax.variants.stack import stack_adapters
+from lora_jax.variants.weighted import add_weighted_adapter
 
 __all__ = (
     "DoraWeight",
@@ -34,12 +31,9 @@ __all__ = (
     "olora_init",
     "pissa_init",
     "remove_adapter",
-    "restore_adapters",
-    "save_adapters",
     "set_adapter",
     "stack_adapters",
     "to_dora",
-    "to_peft_adapters",
     "unstack_adapter",
     "with_adapter_ids",
 )

@@ -1,0 +1,222 @@
+"""interpret(fn): run any JAX function with implicit nodes in its arguments.
+
+``fn`` is traced to a jaxpr with each node replaced by an abstract array of its
+shape and dtype; the jaxpr is then evaluated with the real nodes. Equations
+that touch no node are bound as they are; the others go to the rules of
+:mod:`lora_jax.core.registry`. When no rule applies, the node is formed with
+``materialize()``: silently for frozen nodes (a quantized base is meant to be
+dequantized), with a :class:`MaterializationWarning` naming the parameter for
+nodes that have trainable fields (``strict=True`` raises instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from typing import Callable
+
+import jax
+
+from lora_jax.core import compat
+from lora_jax.core.implicit import ImplicitArray, is_implicit
+from lora_jax.core.registry import rules_for
+from lora_jax.core.tree import path_str
+
+
+class MaterializationWarning(UserWarning):
+    """A node with trainable fields was formed as a dense array (correct, slower)."""
+
+
+class MaterializationError(TypeError):
+    """Raised instead of :class:`MaterializationWarning` under ``strict=True``."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called from ``Context.form``: the first
+    frame outside this package, i.e. the user's line that called the function."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class Context:
+    """State of one interpreted call, passed to every rule.
+
+    ``names`` maps a node (by identity) to the '/'-joined path of the argument it
+    came from, so messages name the parameter even after rules rebuilt it.
+    """
+
+    def __init__(self, strict: bool, warned: set):
+        self.strict = strict
+        self.warned = warned            # shared by every call of one interpreted fn
+        self.names: dict[int, tuple[object, str]] = {}
+        self.reason: str | None = None
+
+    def name(self, x) -> str:
+        entry = self.names.get(id(x))
+        return entry[1] if entry else "<an intermediate value>"
+
+    def set_name(self, x, name: str) -> None:
+        if is_implicit(x) and id(x) not in self.names:
+            self.names[id(x)] = (x, name)   # holding x keeps its id from being reused
+
+    def inherit(self, outs, sources) -> None:
+        """Give implicit ``outs`` the name of the first named implicit source."""
+        named = [self.names[id(s)][1] for s in sources if is_implicit(s) and id(s) in self.names]
+        if named:
+            for o in jax.tree.leaves(outs, is_leaf=is_implicit):
+                self.set_name(o, named[0])
+
+    def carry_names(self, new, old) -> None:
+        """Name the nodes a construct rebuilt (``new``) after their outer ``old`` ones."""
+        for n, o in zip(new, old):
+            if is_implicit(n) and is_implicit(o) and id(o) in self.names:
+                self.set_name(n, self.names[id(o)][1])
+
+    def decline(self, reason: str):
+        """Return ``NotImplemented`` from a rule, recording why for the message."""
+        self.reason = reason
+        return NotImplemented
+
+    def eval(self, jaxpr, consts, args):
+        return eval_jaxpr(jaxpr, consts, args, self)
+
+    def form(self, x, why: str):
+        """``x.materialize()``; reported when ``x`` has trainable fields."""
+        if not isinstance(x, ImplicitArray):
+            return x
+        if type(x).trainable_fields:
+            path = self.name(x)
+            msg = (f"parameter {path!r} ({type(x).__name__} of shape {tuple(x.shape)}) {why} "
+                   "It is formed as a dense array here: correct, but it costs the full "
+                   "weight's memory and FLOPs.")
+            if self.strict:
+                raise MaterializationError(msg + " (strict=True; pass strict=False to allow it.)")
+            if (path, why) not in self.warned:
+                self.warned.add((path, why))
+                warnings.warn(msg, MaterializationWarning, stacklevel=_user_stacklevel())
+        return x.materialize()
+
+
+def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list:
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, compat.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(is_implicit(x) for x in invals):
+            outs = _apply_rules(eqn, invals, ctx)
+        else:
+            outs = compat.bind(eqn, *invals)
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        for v, x in zip(eqn.outvars, outs):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _apply_rules(eqn, invals, ctx: Context):
+    name = eqn.primitive.name
+    ctx.reason = None
+    for rule in rules_for(name, invals):
+        out = rule(eqn, invals, ctx)
+        if out is not NotImplemented:
+            ctx.inherit(out, invals)
+            return out
+    if ctx.reason:
+        why = ctx.reason
+    elif name in compat.CUSTOM_NAMES:
+        why = (f"enters a custom_jvp/custom_vjp function ({name}), whose derivative rule "
+               "needs dense inputs.")
+    else:
+        kinds = sorted({type(x).__name__ for x in invals if is_implicit(x)})
+        why = (f"meets primitive '{name}', which has no rule for {', '.join(kinds)}. "
+               "If this use is intended, ignore this; otherwise register a rule with "
+               "lora_jax.register.")
+    return compat.bind(eqn, *[ctx.form(x, why) for x in invals])
+
+
+def _is_dynamic(x) -> bool:
+    if is_implicit(x) or isinstance(x, jax.Array):
+        return True
+    return hasattr(x, "__array__") and not isinstance(x, (bool, int, float, complex))
+
+
+def _abstract(x):
+    if is_implicit(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+
+
+def interpret(fn: Callable | None = None, *, strict: bool = False) -> Callable:
+    """Transform ``fn`` so that implicit nodes in its arguments are applied lazily.
+
+    Same signature and outputs as ``fn`` (nodes that ``fn`` returns come back as
+    nodes). Arrays and nodes anywhere in the arguments are traced; other leaves
+    (Python scalars, strings, functions) are static. Composes with ``jax.jit``,
+    ``grad``, ``vmap``, and nests.
+    """
+    if fn is None:
+        return functools.partial(interpret, strict=strict)
+    if not callable(fn):
+        raise TypeError(f"expected a callable fn, got {type(fn).__name__}.")
+    cache: dict = {}
+    warned: set = set()
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_implicit)
+        leaves = [x for _, x in flat]
+        if not any(is_implicit(x) for x in leaves):
+            return fn(*args, **kwargs)
+        dyn_pos = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+        dyn = [leaves[i] for i in dyn_pos]
+        static = tuple((i, x) for i, x in enumerate(leaves) if not _is_dynamic(x))
+        avals = [_abstract(x) for x in dyn]
+
+        def flat_fn(*dyn_vals):
+            full = list(leaves)
+            for i, v in zip(dyn_pos, dyn_vals):
+                full[i] = v
+            a, kw = jax.tree.unflatten(treedef, full)
+            return fn(*a, **kw)
+
+        try:
+            key = (treedef, static, tuple((a.shape, a.dtype, a.weak_type) for a in avals))
+            hash(key)
+        except TypeError:
+            key = None
+        hit = cache.get(key) if key is not None else None
+        if hit is None:
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+            hit = (closed, jax.tree.structure(out_shape))
+            if key is not None:
+                if len(cache) > 64:
+                    cache.clear()
+                cache[key] = hit
+        closed, out_tree = hit
+        ctx = Context(strict, warned)
+        for i in dyn_pos:
+            ctx.set_name(leaves[i], _arg_path(flat[i][0]))
+        return jax.tree.unflatten(out_tree, eval_jaxpr(closed.jaxpr, closed.consts, dyn, ctx))
+
+    return wrapped
+
+
+def _arg_path(keypath) -> str:
+    """Path of a leaf inside ``(args, kwargs)``, without the leading ``0/<argnum>``
+    when there is a single positional argument tree the reader cares about."""
+    return path_str(keypath[2:]) or path_str(keypath)

@@ -1,0 +1,237 @@
+"""LoraWeight's rules: where ``W = W0 + s*A@B`` meets a primitive, use the factors.
+
+* ``dot_general``: any contraction whose contracted weight axes are all input
+  axes (``x@W``: ``x@W0 + s*(x@A)@B``) or all output axes (a tied embedding's
+  ``attend``: ``x@W0ᵀ + s*(x@Bᵀ)@Aᵀ``), whatever their order and position, with
+  W as either operand, stacked axes batched or free (``vmap`` with a shared input).
+* ``conv_general_dilated``: A is a conv with W's window, B a 1×1 conv (PEFT's conv LoRA),
+  for any kernel layout (HWIO, OIHW, ...).
+* ``gather`` of rows (embedding lookup): rows of A (or Bᵀ), then the other factor.
+* ``transpose`` / ``reshape`` / stacked-axis ``slice``/``squeeze``/``dynamic_slice``:
+  a new LoraWeight.
+W0 always enters under ``stop_gradient``: it is frozen by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lora_jax.core import compat, dense, is_implicit, register
+from lora_jax.lora.weight import LoraWeight
+
+_LAYOUT_FIX = ("Build the adapter with lorafy(..., fn=fn, args=example_args) so its layout is "
+               "read off how fn uses the weight (or pass layout=).")
+
+
+def _base(eqn, invals, w):
+    frozen = lax.stop_gradient(dense(w.w0))
+    return compat.bind(eqn, *[frozen if v is w else v for v in invals])
+
+
+def _einsum(a, la, b, lb, out, **kw):
+    return jnp.einsum(f"{''.join(la)},{''.join(lb)}->{''.join(out)}", a, b, **kw)
+
+
+@register("dot_general", LoraWeight)
+def dot_rule(eqn, invals, ctx):
+    lhs, rhs = invals
+    if isinstance(rhs, LoraWeight) and not is_implicit(lhs):
+        x, w, w_rhs = lhs, rhs, True
+    elif isinstance(lhs, LoraWeight) and not is_implicit(rhs):
+        x, w, w_rhs = rhs, lhs, False
+    else:
+        return NotImplemented
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    xc, wc, xb, wb = (lc, rc, lb, rb) if w_rhs else (rc, lc, rb, lb)
+    s, n = w.stack_ndim, len(w.shape)
+    ins = [s + j for j in w.in_axes]
+    outs = [s + j for j in w.out_axes]
+    if not wc or not (set(wc) <= set(ins) or set(wc) <= set(outs)):
+        return ctx.decline(
+            f"meets a dot_general contracting its axes {tuple(wc)}, but its layout has stacked "
+            f"axes {tuple(range(s))}, input axes {tuple(ins)} and output axes {tuple(outs)}: the "
+            f"adapter's layout does not match how fn uses the weight. {_LAYOUT_FIX}")
+    letters = iter(string.ascii_letters)
+    wl = [next(letters) for _ in range(n)]
+    r = next(letters)
+    xl = [None] * x.ndim
+    for q, p in (*zip(xc, wc), *zip(xb, wb)):
+        xl[q] = wl[p]
+    xl = [lab or next(letters) for lab in xl]
+    x_free = [xl[q] for q in range(x.ndim) if q not in (*xc, *xb)]
+    w_free = [wl[p] for p in range(n) if p not in (*wc, *wb)]
+    batch = [wl[p] for p in wb]
+    out = [*batch, *x_free, *w_free] if w_rhs else [*batch, *w_free, *x_free]
+    a_l = [*wl[:s], *(wl[p] for p in ins), r]
+    b_l = [*wl[:s], r, *(wl[p] for p in outs)]
+    (first, fl), (second, sl) = ((w.a, a_l), (w.b, b_l))
+    if set(wc) <= set(outs) and not set(wc) <= set(ins):
+        (first, fl), (second, sl) = (second, sl), (first, fl)
+    precision = eqn.params.get("precision")
+    contracted = {wl[p] for p in wc}
+    t_l = [lab for lab in xl if lab not in contracted]
+    t_l += [lab for lab in fl if lab not in xl]
+    t = _einsum(x, xl, first.astype(x.dtype), fl, t_l, precision=precision)
+    t = t * jnp.asarray(w.scale, t.dtype)
+    delta = _einsum(t, t_l, second.astype(x.dtype), sl, out, precision=precision,
+                    preferred_element_type=eqn.params.get("preferred_element_type"))
+    base = _base(eqn, invals, w)
+    return base + delta.astype(base.dtype)
+
+
+@register("conv_general_dilated", LoraWeight)
+def _conv_rule(eqn, invals, ctx):
+    x, w = invals
+    if not isinstance(w, LoraWeight) or is_implicit(x):
+        return NotImplemented
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    nd, out_ax = len(w.shape), dn.rhs_spec[0]
+    if w.stack_ndim or set(w.in_axes) != set(range(nd)) - {out_ax}:
+        return ctx.decline(
+            f"meets a convolution whose output-feature axis is {out_ax}, but its layout has "
+            f"input axes {w.in_axes}. {_LAYOUT_FIX}")
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return ctx.decline("meets a grouped (depthwise) convolution, which has no LoRA rule.")
+    a_axis = {ax: i for i, ax in enumerate(w.in_axes)}          # W axis -> A axis
+    a_spec = (nd - 1, *(a_axis[ax] for ax in dn.rhs_spec[1:]))
+    common = dict(precision=p.get("precision"))
+    t = lax.conv_general_dilated(
+        x, w.a.astype(x.dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
+        p["rhs_dilation"], lax.ConvDimensionNumbers(dn.lhs_spec, a_spec, dn.out_spec), **common)
+    t = t * jnp.asarray(w.scale, t.dtype)
+    # B is a 1x1 conv from r to out features in the kernel layout of the eqn.
+    kshape = [1] * nd
+    kshape[dn.rhs_spec[0]], kshape[dn.rhs_spec[1]] = w.b.shape[1], w.rank
+    bk = w.b.astype(x.dtype)
+    bk = (bk if dn.rhs_spec[1] < dn.rhs_spec[0] else bk.T).reshape(kshape)
+    nsp = nd - 2
+    d = lax.conv_general_dilated(
+        t, bk, (1,) * nsp, [(0, 0)] * nsp, (1,) * nsp, (1,) * nsp,
+        lax.ConvDimensionNumbers(dn.out_spec, dn.rhs_spec, dn.out_spec),
+        preferred_element_type=p.get("preferred_element_type"), **common)
+    base = _base(eqn, invals, w)
+    return base + d.astype(base.dtype)
+
+
+@register("gather", LoraWeight)
+def _gather_rule(eqn, invals, ctx):
+    w, idx = invals
+    if not isinstance(w, LoraWeight) or is_implicit(idx) or len(w.shape) != 2 or w.stack_ndim:
+        return NotImplemented
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if (tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+            or tuple(p["slice_sizes"]) != (1, w.shape[1])
+            or tuple(getattr(dn, "operand_batching_dims", ())) != ()):
+        return NotImplemented
+    # Rows along an input axis (Flax Embed) come from A; along an output axis from Bᵀ.
+    rows_of, other = (w.a, w.b) if w.in_axes == (0,) else (w.b.T, w.a.T)
+    rows = eqn.primitive.bind(rows_of, idx, **dict(p, slice_sizes=(1, w.rank)))           # [..., r] at offset_dims[0]
+    rows = jnp.moveaxis(rows, dn.offset_dims[0], -1) * jnp.asarray(w.scale, rows.dtype)
+    d = jnp.moveaxis(rows @ other.astype(rows.dtype), -1, dn.offset_dims[0])
+    base = _base(eqn, invals, w)
+    return base + d.astype(base.dtype)
+
+
+@register("transpose", LoraWeight)
+def _transpose_rule(eqn, invals, ctx):
+    (w,) = invals
+    perm = tuple(eqn.params["permutation"])
+    s = w.stack_ndim
+    if perm[:s] != tuple(range(s)):
+        return ctx.decline("is transposed across its stacked-layer axes.")
+    rel = [q - s for q in perm[s:]]                   # new relative position -> old
+    new_pos = {old: new for new, old in enumerate(rel)}
+    in_axes = tuple(new_pos[j] for j in w.in_axes)
+    old_out = list(w.out_axes)
+    new_out_order = sorted(old_out, key=lambda j: new_pos[j])
+    b = lax.transpose(w.b, (*range(s + 1), *(s + 1 + old_out.index(j) for j in new_out_order)))
+    return LoraWeight(_transpose_w0(w.w0, perm), w.a, b, alpha=w.alpha, rslora=w.rslora,
+                      in_axes=in_axes)
+
+
+def _transpose_w0(w0, perm):
+    return lax.transpose(dense(w0), perm) if is_implicit(w0) else lax.transpose(w0, perm)
+
+
+@register("reshape", LoraWeight)
+def _reshape_rule(eqn, invals, ctx):
+    w = invals[0]
+    if len(invals) != 1 or eqn.params.get("dimensions"):
+        return NotImplemented
+    new = tuple(eqn.params["new_sizes"])
+    s, shape = w.stack_ndim, w.shape
+    ins, outs = list(w.in_axes), list(w.out_axes)
+    n = len(shape) - s
+    in_first = ins == list(range(len(ins)))
+    if not (in_first or ins == list(range(n - len(ins), n))) or new[:s] != shape[:s]:
+        return ctx.decline("is reshaped in a way that mixes its input and output axes.")
+    head = math.prod(shape[s + j] for j in (ins if in_first else outs))
+    rest = new[s:]
+    cut = next((k for k in range(1, len(rest)) if math.prod(rest[:k]) == head), None)
+    if cut is None:
+        return ctx.decline("is reshaped in a way that mixes its input and output axes.")
+    i_shape, o_shape = (rest[:cut], rest[cut:]) if in_first else (rest[cut:], rest[:cut])
+    a = w.a.reshape((*shape[:s], *i_shape, w.rank))
+    b = w.b.reshape((*shape[:s], w.rank, *o_shape))
+    in_axes = tuple(range(cut)) if in_first else tuple(range(cut, len(rest)))
+    return LoraWeight(dense(w.w0).reshape(new), a, b, alpha=w.alpha, rslora=w.rslora,
+                      in_axes=in_axes)
+
+
+def _stacked_only(w, changed_axes, ctx):
+    if all(ax < w.stack_ndim for ax in changed_axes):
+        return True
+    ctx.decline("is sliced along a non-stacked axis, which splits its factors.")
+    return False
+
+
+@register("slice", LoraWeight)
+def _slice_rule(eqn, invals, ctx):
+    (w,) = invals
+    p = eqn.params
+    strides = p.get("strides") or (1,) * len(w.shape)
+    changed = [i for i, (a, b, d) in enumerate(zip(p["start_indices"], p["limit_indices"], w.shape))
+               if (a, b) != (0, d)]
+    if not _stacked_only(w, changed, ctx):
+        return NotImplemented
+    k = w.stack_ndim
+
+    def cut(leaf):
+        nd = leaf.ndim
+        return lax.slice(leaf, (*p["start_indices"][:k], *(0,) * (nd - k)),
+                         (*p["limit_indices"][:k], *leaf.shape[k:]), (*strides[:k], *(1,) * (nd - k)))
+    return jax.tree.map(cut, w)
+
+
+@register("squeeze", LoraWeight)
+def _squeeze_rule(eqn, invals, ctx):
+    (w,) = invals
+    dims = tuple(eqn.params["dimensions"])
+    if not _stacked_only(w, dims, ctx):
+        return NotImplemented
+    return jax.tree.map(lambda leaf: lax.squeeze(leaf, dims), w)
+
+
+@register("dynamic_slice", LoraWeight)
+def _dynamic_slice_rule(eqn, invals, ctx):
+    w, *starts = invals
+    sizes = eqn.params["slice_sizes"]
+    if any(is_implicit(i) for i in starts):
+        return NotImplemented
+    changed = [i for i, (z, d) in enumerate(zip(sizes, w.shape)) if z != d]
+    if not _stacked_only(w, changed, ctx):
+        return NotImplemented
+    k = w.stack_ndim
+
+    def cut(leaf):
+        zero = jnp.zeros((), starts[0].dtype) if starts else 0
+        return lax.dynamic_slice(leaf, (*starts[:k], *(zero,) * (leaf.ndim - k)),
+                                 (*sizes[:k], *leaf.shape[k:]))
+    return jax.tree.map(cut, w)

@@ -1,0 +1,420 @@
+"""Other people's model code, default path: ``lorafy(params, rank, fn=, args=)`` then ``lora(fn)``.
+
+Every case is a framework's own layers used the way its documentation does (Flax
+linen and NNX, dm-haiku, Equinox, Gemma-style einsum kernels). For each one, with
+``lora(fn, strict=True)`` (any dense LoRA weight would raise):
+
+* B = 0 gives the base model's output,
+* with random B the output equals the merged model's, and the gradients of A and B
+  equal those through the merged weights,
+* A sits on the input side of every weight and B (zero at init) on the output side,
+* one ``lora_optimizer`` step moves A/B and leaves every frozen leaf bit-identical,
+* on an NF4 base (``quantize(..., fn=, args=)``), lora equals the dequantized merge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import flax.linen as nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from helpers import close, randomize_b, tx_update
+
+import lora_jax as lj
+
+B, T, D = 2, 3, 9
+
+
+def _linen(module, x, **init_kw):
+    params = module.init(jax.random.key(1), x, **init_kw)["params"]
+    return (lambda p, x: module.apply({"params": p}, x)), params
+
+
+def _haiku(forward, x):
+    model = hk.without_apply_rng(hk.transform(forward))
+    return model.apply, model.init(jax.random.key(1), x)
+
+
+def _nnx(model):
+    graphdef, state = nnx.split(model)
+    return (lambda s, x: nnx.merge(graphdef, s)(x)), state
+
+
+# ----------------------------------------------------------------------------- linen
+
+class ScanDecoder(nn.Module):
+    """nn.scan over blocks with multi-axis DenseGeneral kernels: q (L, d, h, hd), o (L, h, hd, d)."""
+
+    @nn.compact
+    def __call__(self, x):
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, x, _):
+                q = nn.DenseGeneral((3, 5), name="q")(x)
+                k = nn.DenseGeneral((3, 5), name="k")(x)
+                att = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k), axis=-1)
+                h = jnp.einsum("bnts,bsnh->btnh", att, q)
+                y = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="o")(h)
+                return x + jnp.tanh(y), None
+
+        stack = nn.scan(nn.remat(Block), variable_axes={"params": 0},
+                        split_rngs={"params": True}, length=2)
+        return stack(name="layers")(x, None)[0]
+
+
+class HeadEinsums(nn.Module):
+    """nn.Einsum kernels contracted on a middle axis (NDH) and on two head-first axes (NHD)."""
+
+    @nn.compact
+    def __call__(self, x):
+        q = nn.Einsum((3, D, 5), "btd,ndh->btnh", name="q")(x)
+        kv = nn.Einsum((2, 3, D, 5), "bsd,cndh->cbsnh", name="kv")(x)
+        att = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, kv[0]), axis=-1)
+        h = jnp.einsum("bnts,bsnh->btnh", att, kv[1])
+        return nn.Einsum((3, 5, 7), "btnh,nhd->btd", name="o")(h)
+
+
+class VmapHeads(nn.Module):
+    """nn.vmap'd Dense heads sharing one input: kernel (heads, d, f), heads a free axis."""
+
+    @nn.compact
+    def __call__(self, x):
+        heads = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=None, out_axes=0, axis_size=3)(7, name="heads")
+        return heads(x).sum(0)
+
+
+class TiedLM(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(11, 7, name="embed")
+        h = jnp.tanh(nn.Dense(7, name="mix")(emb(ids)))
+        return emb.attend(h)
+
+
+class GemmaBlock(nn.Module):
+    """Gemma-style attention and gated FFN: ``self.param`` einsum kernels named ``w``,
+    ``gating_einsum`` (2, F, D) indexed per branch, ``linear`` (F, D)."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.normal(0.3)
+
+        class Einsum(nn.Module):
+            shape: tuple
+
+            @nn.compact
+            def __call__(self, eqn, x):
+                return jnp.einsum(eqn, x, self.param("w", init, self.shape))
+
+        q = Einsum((3, D, 5), name="q_einsum")("BTD,NDH->BTNH", x)
+        kv = Einsum((2, 3, D, 5), name="kv_einsum")("BSD,CKDH->CBSKH", x)
+        att = jax.nn.softmax(jnp.einsum("BTNH,BSNH->BNTS", q, kv[0]), axis=-1)
+        h = jnp.einsum("BNTS,BSNH->BTNH", att, kv[1])
+        x = x + Einsum((3, 5, D), name="attn_vec_einsum")("BTNH,NHD->BTD", h)
+        w_gating = self.param("gating_einsum", init, (2, D, 11))
+        gate = jax.nn.gelu(jnp.dot(x, w_gating[0])) * jnp.dot(x, w_gating[1])
+        return x + jnp.dot(gate, self.param("linear", init, (11, D)))
+
+
+# ----------------------------------------------------------------------------- NNX
+
+class NnxMlp(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(D, 11, rngs=rngs)
+        self.down = nnx.Linear(11, 7, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+class NnxConvAttn(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 6, kernel_size=(3, 3), rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=3, in_features=6, qkv_features=9,
+                                           out_features=5, decode=False, rngs=rngs)
+
+    def __call__(self, x):                        # x: [B, H, W, 3]
+        h = jax.nn.relu(self.conv(x)).reshape(x.shape[0], -1, 6)
+        return self.attn(h)
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.lin(x))
+
+
+class NnxStack(nnx.Module):
+    """Layers created with nnx.vmap, run with nnx.scan over nnx.remat."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return NnxBlock(rngs)
+        self.blocks = create(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        @nnx.remat
+        def step(block, x):
+            return block(x)
+        return step(self.blocks, x)
+
+
+# ----------------------------------------------------------------------------- haiku
+
+def _hk_conv_mlp(x):                              # x: [B, H, W, 3]
+    h = jax.nn.relu(hk.Conv2D(6, kernel_shape=3)(x)).reshape(x.shape[0], -1)
+    return hk.Linear(7)(jax.nn.relu(hk.Linear(11)(h)))
+
+
+def _hk_attention(x):
+    attn = hk.MultiHeadAttention(num_heads=3, key_size=4, w_init=hk.initializers.VarianceScaling())
+    return attn(x, x, x)
+
+
+def _hk_layer_stack(x):
+    def layer(x):
+        return jnp.tanh(hk.Linear(D)(x))
+    return hk.layer_stack(3)(layer)(x)
+
+
+# ----------------------------------------------------------------------------- Equinox
+
+def _eqx(model, call):
+    """Equinox's functional split: arrays are the parameters, the rest is static."""
+    params, static = eqx.partition(model, eqx.is_array)
+    return (lambda p, x: call(eqx.combine(p, static), x)), params
+
+
+def _eqx_mlp():
+    keys = jax.random.split(jax.random.key(1), 2)
+    model = eqx.nn.Sequential([eqx.nn.Linear(D, 11, key=keys[0]), eqx.nn.Lambda(jax.nn.gelu),
+                               eqx.nn.Linear(11, 7, key=keys[1])])
+    return _eqx(model, lambda m, x: jax.vmap(jax.vmap(m))(x))
+
+
+def _eqx_conv():
+    model = eqx.nn.Conv2d(3, 6, kernel_size=3, key=jax.random.key(1))   # weight OIHW
+    return _eqx(model, lambda m, x: jax.vmap(m)(x))
+
+
+def _eqx_attention():
+    model = eqx.nn.MultiheadAttention(num_heads=3, query_size=D, key_size=D, value_size=D,
+                                      output_size=7, qk_size=4, vo_size=4, key=jax.random.key(1))
+    return _eqx(model, lambda m, x: jax.vmap(lambda s: m(s, s, s))(x))
+
+
+def _x(shape, seed=2):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+CASES = {
+    "linen_dense": lambda: (*_linen(nn.Sequential([nn.Dense(11), jax.nn.gelu, nn.Dense(7)]),
+                                     _x((B, D))), _x((B, D)), None),
+    "linen_scan_densegeneral_remat": lambda: (*_linen(ScanDecoder(), _x((B, T, D))),
+                                              _x((B, T, D)), None),
+    "linen_einsum_middle_and_head_first": lambda: (*_linen(HeadEinsums(), _x((B, T, D))),
+                                                   _x((B, T, D)), None),
+    "linen_vmap_shared_input": lambda: (*_linen(VmapHeads(), _x((B, D))), _x((B, D)), None),
+    "linen_conv": lambda: (*_linen(nn.Conv(7, (3, 3)), _x((B, 7, 7, 3))), _x((B, 7, 7, 3)), None),
+    "linen_embed_attend": lambda: (*_linen(TiedLM(), jnp.ones((B, T), jnp.int32)),
+                                   jnp.array([[1, 5, 10], [3, 0, 7]]), r"embedding|kernel"),
+    "gemma_einsums": lambda: (*_linen(GemmaBlock(), _x((B, T, D))), _x((B, T, D)), None),
+    "nnx_mlp": lambda: (*_nnx(NnxMlp(nnx.Rngs(1))), _x((B, D)), None),
+    "nnx_conv_attention": lambda: (*_nnx(NnxConvAttn(nnx.Rngs(1))), _x((B, 5, 5, 3)), None),
+    "nnx_vmap_scan_remat": lambda: (*_nnx(NnxStack(nnx.Rngs(1))), _x((B, D)), None),
+    "haiku_conv_mlp": lambda: (*_haiku(_hk_conv_mlp, _x((B, 5, 5, 3))), _x((B, 5, 5, 3)), None),
+    "haiku_attention": lambda: (*_haiku(_hk_attention, _x((B, T, D))), _x((B, T, D)), None),
+    "haiku_layer_stack": lambda: (*_haiku(_hk_layer_stack, _x((B, D))), _x((B, D)), None),
+    "equinox_mlp_out_in": lambda: (*_eqx_mlp(), _x((B, T, D)), None),
+    "equinox_conv": lambda: (*_eqx_conv(), _x((B, 3, 7, 7)), None),
+    "equinox_attention": lambda: (*_eqx_attention(), _x((B, T, D)), None),
+}
+
+
+def _nodes(tree):
+    return [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda v: isinstance(v, lj.LoraWeight))[0] if isinstance(x, lj.LoraWeight)]
+
+
+def _check_factors(lp):
+    """A on the input side (fan-in sized, PEFT's Kaiming bound), B zero on the output side."""
+    nodes = _nodes(lp)
+    assert nodes, "lorafy targeted nothing"
+    for path, w in nodes:
+        s = w.stack_ndim
+        rest = w.shape[s:]
+        fan_in = math.prod(rest[j] for j in w.in_axes)
+        assert w.a.shape == (*w.shape[:s], *(rest[j] for j in w.in_axes), w.rank), path
+        assert w.b.shape == (*w.shape[:s], w.rank, *(rest[j] for j in w.out_axes)), path
+        assert float(jnp.max(jnp.abs(w.a))) <= 1.0 / math.sqrt(fan_in) + 1e-7, path
+        assert not np.asarray(w.b).any(), path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_default_path(case):
+    fn, params, x, targets = CASES[case]()
+    k1, k2 = jax.random.split(jax.random.key(0))
+    lp = lj.lorafy(params, rank=3, key=k1, fn=fn, args=(x,), targets=targets)
+    _check_factors(lp)
+    f = jax.jit(lj.lora(fn, strict=True))
+    base = jax.jit(fn)(params, x)
+    close(f(lp, x), base, 1e-6)                                  # B = 0 is the base model
+
+    lp = randomize_b(lp, k2)
+    close(f(lp, x), jax.jit(fn)(lj.merge(lp), x), 2e-5)          # lora == merged
+    trainable, frozen = lj.split(lp)
+
+    def loss(tr, apply):
+        return jnp.sum(jnp.sin(apply(lj.combine(tr, frozen))))
+
+    g = jax.jit(jax.grad(loss, argnums=0), static_argnums=1)(
+        trainable, lambda p: lj.lora(fn, strict=True)(p, x))
+    g_ref = jax.grad(loss)(trainable, lambda p: fn(lj.merge(p), x))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        close(a, b, 1e-4)
+
+    tx = lj.lora_optimizer(optax.adam(1e-2), lp)                # one step on the full tree
+    state = tx.init(lp)
+    grads_full = lj.combine(g, jax.tree.map(jnp.zeros_like, frozen))
+    updates, _ = tx_update(tx, grads_full, state, lp)
+    with jax.numpy_dtype_promotion("standard"):
+        new = optax.apply_updates(lp, updates)
+    new_tr, new_fr = lj.split(new)
+    for a, b in zip(jax.tree.leaves(new_fr), jax.tree.leaves(frozen), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(new_tr), jax.tree.leaves(trainable)))
+
+
+@pytest.mark.parametrize("case", ["linen_scan_densegeneral_remat", "gemma_einsums",
+                                  "equinox_mlp_out_in", "haiku_layer_stack", "nnx_mlp"])
+def test_nf4_base(case):
+    fn, params, x, targets = CASES[case]()
+    qp = lj.quantize(params, "nf4", fn=fn, args=(x,))
+    lp = randomize_b(lj.lorafy(qp, rank=3, fn=fn, args=(x,), targets=targets), jax.random.key(3))
+    assert any(lj.is_quantized(w.w0) for _, w in _nodes(lp))
+    got = jax.jit(lj.lora(fn, strict=True))(lp, x)
+    close(got, jax.jit(fn)(lj.merge(lp), x), 2e-5)
+    close(got, jax.jit(fn)(lj.merge(lj.lorafy(params, rank=3, fn=fn, args=(x,),
+                                              targets=targets)), x), 0.5)   # NF4 is close
+
+
+def test_warning_names_parameter_and_fix():
+    """Without fn the Equinox (out, in) weight of a conv gets a guessed layout; lora says
+    which parameter, why, and the fix, once, at the caller's line."""
+    fn, model, x, _ = CASES["equinox_conv"]()
+    lp = lj.lorafy(model, rank=2, layout={"weight": (0, (0,))})       # a wrong layout
+    with pytest.warns(lj.MaterializationWarning) as rec:
+        lj.lora(fn)(lp, x)
+    assert len(rec) == 1
+    msg = str(rec[0].message)
+    assert "'weight'" in msg and "fn=" in msg and "layout" in msg
+    assert rec[0].filename == __file__
+    with pytest.raises(lj.MaterializationError, match="'weight'"):
+        lj.lora(fn, strict=True)(lp, x)
+
+
+def test_default_targets_of_every_framework():
+    for case in ("haiku_conv_mlp", "nnx_mlp", "equinox_mlp_out_in", "gemma_einsums"):
+        fn, params, x, _ = CASES[case]()
+        with_fn = {p for p, _ in _nodes(lj.lorafy(params, rank=2, fn=fn, args=(x,)))}
+        assert with_fn, case
+        if case != "gemma_einsums":                  # gating_einsum/linear need fn to be found
+            names = {p for p, _ in _nodes(lj.lorafy(params, rank=2))}
+            assert names == with_fn, case
+    with pytest.raises(ValueError, match=r"'norm/scale' \(5,\).*targets="):
+        lj.lorafy({"norm": {"scale": jnp.ones(5)}}, rank=2)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+class _HandLoraDG(nn.Module):
+    """A hand-written LoRA DenseGeneral: frozen kernel, explicit A/B params."""
+
+    features: tuple
+    axis: tuple = (-1,)
+    rank: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        axis = tuple(a % x.ndim for a in self.axis)
+        ins = tuple(x.shape[a] for a in axis)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (*ins, *self.features))
+        a = self.param("lora_a", nn.initializers.normal(0.1), (*ins, self.rank))
+        b = self.param("lora_b", nn.initializers.zeros, (self.rank, *self.features))
+        dims = ((axis, tuple(range(len(axis)))), ((), ()))
+        t = jax.lax.dot_general(x, a, dims)
+        y = jax.lax.dot_general(x, jax.lax.stop_gradient(kernel), dims)
+        return y + jax.lax.dot_general(t, b, (((t.ndim - 1,), (0,)), ((), ())))
+
+
+class _Decoder(nn.Module):
+    hand: bool
+    d: int = 48
+    heads: int = 4
+    hd: int = 12
+
+    @nn.compact
+    def __call__(self, x):
+        def dense(features, axis=(-1,), name=None):
+            if self.hand:
+                return _HandLoraDG(features, axis, name=name)
+            return nn.DenseGeneral(features, axis=axis, name=name)
+
+        parent = self
+
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, x, _):
+                q = dense((parent.heads, parent.hd), name="q")(x)
+                v = dense((parent.heads, parent.hd), name="v")(x)
+                att = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, q), axis=-1)
+                y = dense((parent.d,), axis=(-2, -1), name="o")(
+                    jnp.einsum("bnts,bsnh->btnh", att, v))
+                return x + y, None
+
+        return nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)(name="layers")(x, None)[0]
+
+
+def _flops(jitted, *args):
+    ca = jitted.lower(*args).compile().cost_analysis()
+    return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
+
+
+def test_scanned_densegeneral_grad_flops_match_hand_written():
+    """Default path on multi-axis DenseGeneral kernels in nn.scan costs what hand-written
+    LoRA costs (a dense ΔW would add the [d, h, hd] products: > 1.05 here)."""
+    from flax import traverse_util
+    x = _x((4, 16, 48))
+    ours_model, hand_model = _Decoder(hand=False), _Decoder(hand=True)
+    fn, base = _linen(ours_model, x)
+    lp = lj.lorafy(base, rank=4, fn=fn, args=(x,))
+    trainable, frozen = lj.split(lp)
+    ours = jax.jit(jax.grad(lambda tr, x: jnp.sum(lj.lora(fn, strict=True)(
+        lj.combine(tr, frozen), x) ** 2)))
+
+    hand_params = traverse_util.flatten_dict(
+        hand_model.init(jax.random.key(1), x)["params"], sep="/")
+    hand_tr = {k: v for k, v in hand_params.items() if "lora_" in k}
+    hand_fr = {k: v for k, v in hand_params.items() if "lora_" not in k}
+
+    def hand_loss(tr, x):
+        p = traverse_util.unflatten_dict({**hand_fr, **tr}, sep="/")
+        return jnp.sum(hand_model.apply({"params": p}, x) ** 2)
+
+    ratio = _flops(ours, trainable, x) / _flops(jax.jit(jax.grad(hand_loss)), hand_tr, x)
+    assert 0.99 <= ratio <= 1.01, ratio
