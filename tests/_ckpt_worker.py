@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lora_jax as lj  # noqa: E402
-from lora_jax.checkpoint import adapter as ck  # noqa: E402
+from lora_jax import checkpoint as ck  # noqa: E402
 
 
 def params_for(step: int):

@@ -1,21 +1,28 @@
 """PEFT interop: adapters trained here load in PEFT (and merge) with equal logits;
-PEFT-made adapters load here with equal logits."""
+PEFT-made adapters load here with equal logits; the format round trip (layouts, mixed
+ranks/alphas/rsLoRA) against hand-computed weights, without torch."""
 
+import importlib.util
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from safetensors.numpy import load_file, save_file
 
 import lora_jax
+from lora_jax.core import path_str
 from lora_jax.interop import from_peft, to_peft
 from lora_jax.models import loading
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-optax = pytest.importorskip("optax")
+_HAVE_ORACLES = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
+if _HAVE_ORACLES:
+    import peft
+    import torch
+    import transformers
+oracle = pytest.mark.skipif(not _HAVE_ORACLES, reason="needs torch, transformers and peft")
 
 # transformers deprecation noise raised inside PEFT (not ours) under -W error
 pytestmark = pytest.mark.filterwarnings(
@@ -96,7 +103,7 @@ def _train(model, lp, ids, steps=3):
 
 def _lora_leaves(tree):
     return {
-        lora_jax._layout.path_str(p): l
+        path_str(p): l
         for p, l in jax.tree_util.tree_flatten_with_path(
             tree, is_leaf=lambda x: isinstance(x, lora_jax.LoraWeight)
         )[0]
@@ -104,6 +111,7 @@ def _lora_leaves(tree):
     }
 
 
+@oracle
 def test_export_trained_adapter_to_peft(base, ids, tmp_path):
     path, model, params = base
     lp = lora_jax.lorafy(
@@ -127,7 +135,7 @@ def test_export_trained_adapter_to_peft(base, ids, tmp_path):
     assert sorted(cfg["target_modules"]) == ["down_proj", "lm_head", "q_proj", "v_proj"]
     assert cfg["rank_pattern"] == {"down_proj": 2} and cfg["alpha_pattern"] == {"v_proj": 3}
     assert cfg["bias"] == "none" and cfg["fan_in_fan_out"] is False and not cfg["modules_to_save"]
-    sd = loading.read_safetensors(out / "adapter_model.safetensors")
+    sd = load_file(out / "adapter_model.safetensors")
     assert sd["base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"].shape == (4, 35)
     assert sd["base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight"].shape == (30, 4)
     assert sd["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (2, 33)
@@ -158,6 +166,7 @@ def test_export_trained_adapter_to_peft(base, ids, tmp_path):
     assert (out / "adapter_model.safetensors").exists()
 
 
+@oracle
 def test_export_embedding_lora(base, ids, tmp_path):
     path, model, params = base
     lp = lora_jax.lorafy(
@@ -166,7 +175,7 @@ def test_export_embedding_lora(base, ids, tmp_path):
     lp = _train(model, lp, ids, steps=2)
     ours = np.asarray(lora_jax.lora(model.apply)({"params": lp}, jnp.asarray(ids)))
     out = to_peft(lp, tmp_path / "emb")
-    sd = loading.read_safetensors(out / "adapter_model.safetensors")
+    sd = load_file(out / "adapter_model.safetensors")
     assert sd["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (3, 97)
     assert sd["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (35, 3)
     pm = peft.PeftModel.from_pretrained(_load_hf(path), out).eval()
@@ -191,6 +200,7 @@ def _peft_adapter(path, out, **lora_kwargs):
     return pm
 
 
+@oracle
 @pytest.mark.parametrize(
     "lora_kwargs",
     [
@@ -217,12 +227,13 @@ def test_import_peft_adapter(base, ids, tmp_path, lora_kwargs):
         assert all(w.rslora for w in leaves.values())
         assert leaves["layers/mlp/down_proj/kernel"].rank == 2
     else:
-        assert sorted(leaves) == ["layers/self_attn/q_proj/kernel", "layers/self_attn/v_proj/kernel"]
+        assert sorted(leaves) == ["layers/self_attn/q_proj/kernel",
+                                  "layers/self_attn/v_proj/kernel"]
         w = leaves["layers/self_attn/q_proj/kernel"]
         assert (w.rank, w.alpha, w.rslora) == (4, 8.0, False)
         assert w.a.shape == (3, 35, 4) and w.b.shape == (3, 4, 30)
         # KV-cached generation through lora(model.apply) == generation with merged weights
-        from lora_jax.models.llama import generate
+        from lora_jax.models import generate
 
         prompt = ids[:, :4]
         got = generate(model, lp, prompt, 6, apply_fn=lora_jax.lora(model.apply))
@@ -239,21 +250,23 @@ def test_import_peft_adapter(base, ids, tmp_path, lora_kwargs):
     )
 
 
+@oracle
 def test_import_errors(base, tmp_path):
     path, model, params = base
     _peft_adapter(path, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     st = tmp_path / "ad" / "adapter_model.safetensors"
-    sd = {k: np.array(v) for k, v in loading.read_safetensors(st).items()}
-    from lora_jax.interop.peft import _write_safetensors
+    sd = load_file(st)
 
     def write(d, tensors):
         d.mkdir()
-        (d / "adapter_config.json").write_text((tmp_path / "ad" / "adapter_config.json").read_text())
-        _write_safetensors(d / "adapter_model.safetensors", tensors)
+        cfg = (tmp_path / "ad" / "adapter_config.json").read_text()
+        (d / "adapter_config.json").write_text(cfg)
+        save_file(tensors, d / "adapter_model.safetensors")
         return d
 
     extra = dict(sd)
-    extra["base_model.model.model.layers.0.self_attn.zz_proj.lora_A.weight"] = np.zeros((2, 35), np.float32)
+    extra["base_model.model.model.layers.0.self_attn.zz_proj.lora_A.weight"] = np.zeros(
+        (2, 35), np.float32)
     with pytest.raises(ValueError, match="zz_proj"):
         from_peft(write(tmp_path / "extra", extra), params)
 
@@ -272,6 +285,7 @@ def test_import_errors(base, tmp_path):
         from_peft(tmp_path / "ad", lp)
 
 
+@oracle
 def test_export_errors(tmp_path):
     path = _save_hf(tmp_path / "tied", tie=True)
     model, params = loading.from_pretrained(path)
@@ -284,6 +298,116 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="module_map"):
         to_peft(lp, tmp_path / "x")
     out = to_peft(lp, tmp_path / "custom", module_map={"foo/kernel": "model.foo"})
-    assert "base_model.model.model.foo.lora_A.weight" in loading.read_safetensors(
-        out / "adapter_model.safetensors"
-    )
+    sd = load_file(out / "adapter_model.safetensors")
+    assert "base_model.model.model.foo.lora_A.weight" in sd
+
+
+# ------------------------------------------------------------------ format round trip, no torch
+
+MAP = {"enc/w": "model.layers.{i}.enc", "head/w": "model.head"}
+
+
+def _lw(key, a_shape, b_shape, w0, **kw):
+    ka, kb = jax.random.split(key)
+    return lora_jax.LoraWeight(w0, jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape),
+                               **kw)
+
+
+def _mixed_params():
+    """A stacked (in, out) leaf with plain LoRA, and a torch-layout (out, in) leaf with rsLoRA."""
+    k = jax.random.split(jax.random.key(0), 4)
+    enc = _lw(k[0], (2, 5, 3), (2, 3, 7), jax.random.normal(k[1], (2, 5, 7)), alpha=6.0)
+    head = _lw(k[2], (7, 2), (2, 5), jax.random.normal(k[3], (5, 7)), alpha=4.0, rslora=True,
+               in_axes=(1,))
+    return {"enc": {"w": enc}, "head": {"w": head}}
+
+
+def test_roundtrip_keeps_layouts_and_rewrites_alpha_for_one_rslora_flag(tmp_path):
+    params = _mixed_params()
+    out = to_peft(params, tmp_path / "ad", module_map=MAP)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    # two of three modules are plain LoRA: the adapter says use_rslora=False, and the head's
+    # alpha becomes the one with the same scale: 4/sqrt(2) = alpha/2 -> alpha = 4*sqrt(2)
+    assert cfg["use_rslora"] is False and cfg["r"] == 3 and cfg["lora_alpha"] == 6
+    assert cfg["rank_pattern"] == {"head": 2} and sorted(cfg["target_modules"]) == ["enc", "head"]
+    np.testing.assert_allclose(cfg["alpha_pattern"]["head"], 4 * np.sqrt(2), rtol=1e-12)
+    sd = load_file(out / "adapter_model.safetensors")
+    enc, head = params["enc"]["w"], params["head"]["w"]
+    np.testing.assert_array_equal(sd["base_model.model.model.layers.1.enc.lora_A.weight"],
+                                  np.asarray(enc.a[1]).T)
+    np.testing.assert_array_equal(sd["base_model.model.model.head.lora_B.weight"],
+                                  np.asarray(head.b).T)                       # [out 5, r 2]
+
+    template = {"enc": {"w": enc.w0},
+                "head": {"w": lora_jax.LoraWeight(head.w0, jnp.zeros((7, 2)), jnp.zeros((2, 5)),
+                                                  in_axes=(1,))}}
+    back = from_peft(out, template, module_map=MAP)
+    assert back["head"]["w"].in_axes == (1,) and back["enc"]["w"].in_axes == (0,)
+    merged = lora_jax.merge(back)
+    a, b = np.asarray(head.a), np.asarray(head.b)
+    want_head = np.asarray(head.w0) + 4 / np.sqrt(2) * (a @ b).T
+    np.testing.assert_allclose(merged["head"]["w"], want_head, rtol=1e-5, atol=1e-5)
+    want_enc = np.asarray(enc.w0) + 2.0 * np.einsum("lir,lro->lio", enc.a, enc.b)
+    np.testing.assert_allclose(merged["enc"]["w"], want_enc, rtol=1e-5, atol=1e-5)
+
+
+def _write_peft(d, tensors, **config):
+    d.mkdir()
+    save_file({f"base_model.model.{k}": np.asarray(v, np.float32) for k, v in tensors.items()},
+              d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    return d
+
+
+def test_layers_with_other_ranks_and_alphas_are_padded_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((2, 5, 7)).astype(np.float32)
+    A0, B0 = rng.standard_normal((2, 5)), rng.standard_normal((7, 2))
+    A1, B1 = rng.standard_normal((3, 5)), rng.standard_normal((7, 3))
+    d = _write_peft(tmp_path / "ad", {"model.layers.0.enc.lora_A.weight": A0,
+                                      "model.layers.0.enc.lora_B.weight": B0,
+                                      "model.layers.1.enc.lora_A.weight": A1,
+                                      "model.layers.1.enc.lora_B.weight": B1},
+                    r=2, lora_alpha=4, rank_pattern={"layers.1.enc": 3},
+                    alpha_pattern={"layers.1.enc": 9}, target_modules=["enc"])
+    back = from_peft(d, {"enc": {"w": jnp.asarray(w0)}}, module_map={"enc/w": MAP["enc/w"]})
+    w = back["enc"]["w"]
+    assert w.a.shape == (2, 5, 3) and w.b.shape == (2, 3, 7) and w.scale == 1.0
+    want = w0 + np.stack([4 / 2 * (B0 @ A0).T, 9 / 3 * (B1 @ A1).T])
+    np.testing.assert_allclose(lora_jax.merge(back)["enc"]["w"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_hand_written_adapters_that_do_not_fit_are_refused(tmp_path):
+    base = {"enc": {"w": jnp.zeros((2, 5, 7))}}
+    kw = {"module_map": {"enc/w": MAP["enc/w"]}}
+    ok = {f"model.layers.{i}.enc.lora_{x}.weight": np.zeros(s)
+          for i in (0, 1) for x, s in (("A", (2, 5)), ("B", (7, 2)))}
+    cfg = {"r": 2, "lora_alpha": 4, "target_modules": ["enc"]}
+    no_b = {k: v for k, v in ok.items() if k != "model.layers.1.enc.lora_B.weight"}
+    with pytest.raises(ValueError, match=r"missing=\['model\.layers\.1\.enc\.lora_B'\]"):
+        from_peft(_write_peft(tmp_path / "no_b", no_b, **cfg), base, **kw)
+    extra = {**ok, "model.layers.0.zz.lora_A.weight": np.zeros((2, 5))}
+    with pytest.raises(ValueError,
+                       match=r"unknown keys=\['base_model\.model\.model\.layers\.0\.zz\.lora_A"):
+        from_peft(_write_peft(tmp_path / "extra", extra, **cfg), base, **kw)
+    with pytest.raises(ValueError, match="disagree with the config rank 4"):
+        from_peft(_write_peft(tmp_path / "rank", ok, **{**cfg, "r": 4}), base, **kw)
+    with pytest.raises(ValueError, match="factors give a 5x7 update, the weight is"):
+        from_peft(_write_peft(tmp_path / "shape", ok, **cfg), {"enc": {"w": jnp.zeros((2, 7, 5))}},
+                  **kw)
+    with pytest.raises(ValueError, match="unsupported adapter options: use_dora=True"):
+        from_peft(_write_peft(tmp_path / "dora", ok, **cfg, use_dora=True), base, **kw)
+    pickled = tmp_path / "bin"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(json.dumps(cfg))
+    (pickled / "adapter_model.bin").write_bytes(b"\x80")
+    with pytest.raises(ValueError, match="pickle"):
+        from_peft(pickled, base, **kw)
+
+
+def test_to_peft_refuses_weights_with_two_input_axes(tmp_path):
+    w = lora_jax.LoraWeight(jnp.zeros((3, 5, 7)), jnp.ones((3, 5, 2)), jnp.ones((2, 7)),
+                            in_axes=(0, 1))
+    with pytest.raises(ValueError, match="'x/w' has 2 input axes"):
+        to_peft({"x": {"w": w}}, tmp_path / "ad", module_map={"x/w": "model.x"})
+    assert not tmp_path.joinpath("ad").exists() and not list(tmp_path.iterdir())

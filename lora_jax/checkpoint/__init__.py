@@ -1,15 +1,26 @@
-"""Adapter-only orbax checkpoints: save, verified restore, fingerprints, byte counts."""
+"""Adapter-only orbax checkpoints: save, verified restore, fingerprints, byte counts.
 
-from lora_jax.checkpoint.adapter import BaseMismatchError
-from lora_jax.checkpoint.adapter import CheckpointIntegrityError
-from lora_jax.checkpoint.adapter import adapter_bytes
-from lora_jax.checkpoint.adapter import adapter_steps
-from lora_jax.checkpoint.adapter import base_fingerprint
-from lora_jax.checkpoint.adapter import export_merged
-from lora_jax.checkpoint.adapter import model_bytes
-from lora_jax.checkpoint.adapter import read_adapter_metadata
-from lora_jax.checkpoint.adapter import restore_adapter
-from lora_jax.checkpoint.adapter import save_adapter
+A checkpoint root holds one directory per committed step (see
+:mod:`lora_jax.checkpoint.orbax_io` for the layout, :mod:`lora_jax.checkpoint.meta` for
+the JSON metadata): the adapter's arrays, optionally the optimizer state, and a
+fingerprint of the frozen base. Saves are atomic, restores verify every array's
+sha256, and nothing is ever unpickled.
+"""
+
+from lora_jax.checkpoint.atomic import replace_dir
+from lora_jax.checkpoint.bytes import adapter_bytes
+from lora_jax.checkpoint.bytes import model_bytes
+from lora_jax.checkpoint.bytes import nbytes
+from lora_jax.checkpoint.config import node_config
+from lora_jax.checkpoint.errors import BaseMismatchError
+from lora_jax.checkpoint.errors import CheckpointIntegrityError
+from lora_jax.checkpoint.fingerprint import base_fingerprint
+from lora_jax.checkpoint.meta import read_adapter_metadata
+from lora_jax.checkpoint.multi import restore_adapters
+from lora_jax.checkpoint.multi import save_adapters
+from lora_jax.checkpoint.orbax_io import adapter_steps
+from lora_jax.checkpoint.restore import restore_adapter
+from lora_jax.checkpoint.save import save_adapter
 
 __all__ = (
     "BaseMismatchError",
@@ -17,9 +28,13 @@ __all__ = (
     "adapter_bytes",
     "adapter_steps",
     "base_fingerprint",
-    "export_merged",
     "model_bytes",
+    "nbytes",
+    "node_config",
     "read_adapter_metadata",
+    "replace_dir",
     "restore_adapter",
+    "restore_adapters",
     "save_adapter",
+    "save_adapters",
 )

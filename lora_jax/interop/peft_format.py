@@ -1,0 +1,172 @@
+"""The Hugging Face PEFT LoRA adapter format: key names, config options, files.
+
+An adapter directory holds ``adapter_model.safetensors`` and ``adapter_config.json``.
+Keys are ``base_model.model.<HF module>.lora_A.weight`` [r, in] and ``.lora_B.weight``
+[out, r] (embeddings: ``lora_embedding_A`` [r, V], ``lora_embedding_B`` [D, r]);
+PEFT computes ``W + scaling * B @ A`` with ``scaling = lora_alpha / r`` (``/ sqrt(r)``
+with ``use_rslora``), per module ``rank_pattern`` / ``alpha_pattern`` overriding
+``r`` / ``lora_alpha``. Ours is ``w0 + scale * a @ b`` with ``a = A.T`` and ``b = B.T``.
+
+Example:
+    >>> parse_key("base_model.model.model.layers.3.mlp.up_proj.lora_B.weight")
+    ('model.layers.3.mlp.up_proj', 'B')
+    >>> cfg = PeftConfig(r=8, alpha=16.0, rank_pattern={"down_proj": 4})
+    >>> cfg.rank("model.layers.0.mlp.down_proj"), cfg.scale("model.layers.0.mlp.down_proj", 4)
+    (4, 4.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from lora_jax.checkpoint import replace_dir
+from lora_jax.lora import lora_scale
+
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "PREFIX", "PeftConfig", "alpha_for_scale", "factor_keys",
+           "has_tied_embeddings", "is_embedding", "parse_key", "read_adapter", "strip_params",
+           "write_adapter"]
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+PREFIX = "base_model.model."
+_KEY_RE = re.compile(
+    r"^(?P<module>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+    r"|base_layer\.weight)$"
+)
+
+
+def strip_params(path: str) -> str:
+    return path[len("params/"):] if path.startswith("params/") else path
+
+
+def is_embedding(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] == "embedding"
+
+
+def has_tied_embeddings(params) -> bool:
+    p = params.get("params", params) if isinstance(params, Mapping) else params
+    return isinstance(p, Mapping) and "embed_tokens" in p and "lm_head" not in p
+
+
+def factor_keys(module: str, embedding: bool) -> tuple[str, str]:
+    """The (A, B) tensor keys of ``module``."""
+    a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else \
+        ("lora_A.weight", "lora_B.weight")
+    return f"{PREFIX}{module}.{a}", f"{PREFIX}{module}.{b}"
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """``(module, "A" | "B" | "base")`` of an adapter tensor key, None if not one."""
+    k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    m = _KEY_RE.match(k.replace(".default.", "."))  # adapter-name-qualified keys, if any
+    if not m:
+        return None
+    kind = m.group("kind")
+    return m.group("module"), "base" if kind == "base_layer.weight" else kind.split(".")[0][-1]
+
+
+def alpha_for_scale(scale: float, rank: int, rslora: bool) -> float:
+    """The alpha whose ``lora_scale(alpha, rank, rslora)`` is ``scale`` (it is linear in alpha)."""
+    return scale / lora_scale(1.0, rank, rslora)
+
+
+def _pattern_value(pattern: Mapping[str, Any], module: str, default):
+    """PEFT's ``get_pattern_key``: first key with ``re.match(rf"(.*\\.)?({key})$", module)``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """The options of ``adapter_config.json`` that decide what the tensors mean."""
+
+    r: int = 8
+    alpha: float = 8.0
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    target_modules: Any = None
+    layers_to_transform: tuple[int, ...] | None = None
+
+    def rank(self, module: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module, self.r))
+
+    def alpha_of(self, module: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module, self.alpha))
+
+    def scale(self, module: str, rank: int) -> float:
+        return lora_scale(self.alpha_of(module), rank, self.use_rslora)
+
+    def targets(self, module: str) -> bool:
+        """Whether ``target_modules`` selects ``module`` (False when it is not given)."""
+        t = self.target_modules
+        if t is None:
+            return False
+        if isinstance(t, str):
+            if t == "all-linear":
+                return not (module.endswith("embed_tokens") or module == "lm_head")
+            return re.fullmatch(t, module) is not None
+        return any(module == x or module.endswith("." + x) for x in t)
+
+    def transforms_layer(self, i: int) -> bool:
+        return self.layers_to_transform is None or i in self.layers_to_transform
+
+
+def _unsupported(cfg: dict) -> list[str]:
+    out = []
+    if cfg.get("use_dora"):
+        out.append("use_dora=True")
+    if cfg.get("fan_in_fan_out"):
+        out.append("fan_in_fan_out=True")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        out.append(f"bias={cfg.get('bias')!r}/lora_bias={cfg.get('lora_bias')!r}")
+    if cfg.get("modules_to_save"):
+        out.append(f"modules_to_save={cfg['modules_to_save']!r}")
+    if cfg.get("layer_replication"):
+        out.append("layer_replication")
+    return out
+
+
+def _config(cfg: dict) -> PeftConfig:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"from_peft: peft_type {cfg.get('peft_type')!r} is not LORA")
+    bad = _unsupported(cfg)
+    if bad:
+        raise ValueError(f"from_peft: unsupported adapter options: {', '.join(bad)}")
+    layers = cfg.get("layers_to_transform")
+    return PeftConfig(
+        r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
+        target_modules=cfg.get("target_modules"),
+        layers_to_transform=None if layers is None else tuple(np.atleast_1d(layers).tolist()))
+
+
+def read_adapter(adapter_dir: Path) -> tuple[PeftConfig, dict[str, np.ndarray]]:
+    """The config and tensors of a PEFT adapter directory (safetensors only, never pickle)."""
+    cfg = _config(json.loads((adapter_dir / CONFIG_FILE).read_text()))
+    st = adapter_dir / ADAPTER_FILE
+    if st.exists():
+        return cfg, load_file(str(st))
+    if (adapter_dir / "adapter_model.bin").exists():
+        raise ValueError("from_peft: adapter_model.bin (pickle) is not supported; "
+                         "save with safetensors")
+    raise FileNotFoundError(f"no {ADAPTER_FILE} in {adapter_dir}")
+
+
+def write_adapter(out_dir: Path, tensors: Mapping[str, np.ndarray], config: dict) -> Path:
+    """Write (atomically, replacing ``out_dir``) an adapter directory."""
+    def write(d: Path):
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                  str(d / ADAPTER_FILE), metadata={"format": "pt"})
+        (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return replace_dir(out_dir, write, overwrite=True, what="to_peft")
