@@ -25,9 +25,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import close, randomize_b, tx_update
 
 import lora_jax as lj
+from helpers import close, randomize_b, tx_update
 
 B, T, D = 2, 3, 9
 
@@ -50,7 +50,7 @@ def _nnx(model):
 # ----------------------------------------------------------------------------- linen
 
 class ScanDecoder(nn.Module):
-    """nn.scan over blocks with multi-axis DenseGeneral kernels: q (L, d, h, hd), o (L, h, hd, d)."""
+    """nn.scan of blocks with multi-axis DenseGeneral kernels: q (L, d, h, hd), o (L, h, hd, d)."""
 
     @nn.compact
     def __call__(self, x):

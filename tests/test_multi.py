@@ -9,10 +9,23 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax import (MultiLoraWeight, add_adapter, add_weighted_adapter, adapter_ids, adapter_names, remove_adapter, set_adapter, stack_adapters, unstack_adapter, with_adapter_ids)
-from lora_jax import restore_adapters, save_adapters, to_peft_adapters
-from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from helpers import close, random_hf_llama, randomize_b
+from lora_jax import (
+    MultiLoraWeight,
+    adapter_ids,
+    adapter_names,
+    add_adapter,
+    add_weighted_adapter,
+    remove_adapter,
+    restore_adapters,
+    save_adapters,
+    set_adapter,
+    stack_adapters,
+    to_peft_adapters,
+    unstack_adapter,
+    with_adapter_ids,
+)
+from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=35, intermediate_size=33, num_hidden_layers=2,
                   num_attention_heads=5, num_key_value_heads=1, head_dim=6,
@@ -45,7 +58,8 @@ def test_mixed_batch_equals_each_row_alone(llama):
     ad = _adapters(params, SPECS)
     mp = stack_adapters(ad, pad_ranks=True)
     q = mp["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert isinstance(q, MultiLoraWeight) and q.a.shape == (2, 3, 35, 4) and q.b.shape == (2, 3, 4, 30)
+    assert isinstance(q, MultiLoraWeight)
+    assert q.a.shape == (2, 3, 35, 4) and q.b.shape == (2, 3, 4, 30)
     assert q.ranks == (4, 2, 4)
     apply = lj.lora(model.apply)
     rows = ["de", None, "es", "fr", "de"]
@@ -190,10 +204,11 @@ def test_checkpoint_roundtrip(llama, tmp_path):
     _, params, _ = llama
     ad = _adapters(params, SPECS)
     mp = stack_adapters(ad, pad_ranks=True)
-    zero = jax.tree.map(lambda x: x, mp)
-    zero = jax.tree.map(lambda m: dataclasses.replace(m, a=jnp.zeros_like(m.a), b=jnp.zeros_like(m.b))
-                        if isinstance(m, MultiLoraWeight) else m, zero,
-                        is_leaf=lambda m: isinstance(m, MultiLoraWeight))
+    def zeroed(m):
+        if not isinstance(m, MultiLoraWeight):
+            return m
+        return dataclasses.replace(m, a=jnp.zeros_like(m.a), b=jnp.zeros_like(m.b))
+    zero = jax.tree.map(zeroed, mp, is_leaf=lambda m: isinstance(m, MultiLoraWeight))
     for separate in (False, True):
         d = tmp_path / f"sep{separate}"
         save_adapters(d, mp, step=1, separate=separate)
@@ -227,8 +242,8 @@ def _peft_two(path, out):
     import torch
     import transformers
     hf = transformers.LlamaForCausalLM.from_pretrained(path).eval()
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                             adapter_name="a")
+    cfg_a = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pm = peft.get_peft_model(hf, cfg_a, adapter_name="a")
     pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "o_proj"]))
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -247,6 +262,7 @@ pytestmark_peft = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::U
 @pytestmark_peft
 def test_peft_mixed_batch_combination_and_export(hf_base, tmp_path):
     import torch
+
     from lora_jax.interop import from_peft
     path, model, params = hf_base
     pm = _peft_two(path, tmp_path / "peft")

@@ -52,8 +52,9 @@ def test_masked_optimizer_state_and_frozen_leaves(key, kind):
         tx = lj.lora_optimizer(optax.adam(1e-2), lp)
     state = tx.init(lp)
     n_trainable = lj.count_params(lp)["trainable"]
-    n_state = sum(int(np.size(l)) for l in jax.tree.leaves(state)
-                  if getattr(l, "dtype", None) is not None and jnp.issubdtype(l.dtype, jnp.floating))
+    floats = [v for v in jax.tree.leaves(state)
+              if getattr(v, "dtype", None) is not None and jnp.issubdtype(v.dtype, jnp.floating)]
+    n_state = sum(int(np.size(v)) for v in floats)
     assert n_state == 2 * n_trainable          # Adam's mu and nu for A and B, nothing else
 
     @jax.jit
@@ -125,9 +126,10 @@ def test_lora_step_flops_and_no_weight_gradient(key):
     assert ratio <= 0.70, ratio
     # No [512, 512] product anywhere: neither dW0 nor A@B is ever formed.
     hlo = c_lora.as_text()
-    big = [l for l in hlo.splitlines() if re.search(r"= f32\[512,512\]\{[0-9,]*\} (dot|convolution)\(", l)]
+    product = re.compile(r"= f32\[512,512\]\{[0-9,]*\} (dot|convolution)\(")
+    big = [line for line in hlo.splitlines() if product.search(line)]
     assert not big, big[:3]
-    assert re.search(r"= f32\[512,512\]\{[0-9,]*\} (dot|convolution)\(", c_full.as_text())
+    assert product.search(c_full.as_text())
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

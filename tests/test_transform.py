@@ -124,7 +124,8 @@ def test_scan_remat_stack(key):
     x = jax.random.normal(key, (2, 4, 5))
     fn, p = _linen(Stack(), x, key)
     assert p["layers"]["up"]["kernel"].shape == (3, 5, 9)
-    assert lj.infer_layout(fn, p, x) == {"layers/up/kernel": (1, (0,)), "layers/down/kernel": (1, (0,))}
+    assert lj.infer_layout(fn, p, x) == {"layers/up/kernel": (1, (0,)),
+                                         "layers/down/kernel": (1, (0,))}
     lp = check_lora_matches_merged(fn, p, (x,), key=key, targets="kernel")
     w = lp["layers"]["up"]["kernel"]
     assert w.a.shape == (3, 5, 2) and w.b.shape == (3, 2, 9) and w.stack_ndim == 1

@@ -11,6 +11,11 @@ from lora_jax.core.interpreter import MaterializationError
 from lora_jax.core.interpreter import MaterializationWarning
 from lora_jax.core.interpreter import interpret
 from lora_jax.core.registry import register
+from lora_jax.core.targets import Targets
+from lora_jax.core.targets import is_default_target
+from lora_jax.core.targets import is_float_array
+from lora_jax.core.targets import leaf_name
+from lora_jax.core.targets import select_leaves
 from lora_jax.core.tree import path_str
 
 __all__ = (
@@ -18,11 +23,16 @@ __all__ = (
     "ImplicitArray",
     "MaterializationError",
     "MaterializationWarning",
+    "Targets",
     "dense",
     "interpret",
+    "is_default_target",
+    "is_float_array",
     "is_implicit",
+    "leaf_name",
     "node",
     "path_str",
     "register",
+    "select_leaves",
     "static",
 )

@@ -116,7 +116,8 @@ def _while_rule(eqn, invals, ctx):
             outs = ctx.eval(bj, bjc, [*bconsts, *c])
             return outs if keep else _dense_outs(outs, ctx, "while_loop")
 
-        return lax.while_loop(cond_fun, body_fun, init if keep else _dense_outs(init, ctx, "while_loop"))
+        start = init if keep else _dense_outs(init, ctx, "while_loop")
+        return lax.while_loop(cond_fun, body_fun, start)
 
     return _nodes_or_dense(run, ctx, "while_loop")
 

@@ -172,7 +172,7 @@ def interpret(fn: Callable | None = None, *, strict: bool = False) -> Callable:
     if fn is None:
         return functools.partial(interpret, strict=strict)
     if not callable(fn):
-        raise TypeError(f"expected a callable fn, got {type(fn).__name__}.")
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     cache: dict = {}
     warned: set = set()
 

@@ -55,7 +55,8 @@ def register(primitive, node_type: type = ImplicitArray, rule: Rule | None = Non
     Registering again for the same pair replaces the rule.
     """
     if not (isinstance(node_type, type) and issubclass(node_type, ImplicitArray)):
-        raise TypeError(f"register: node_type must be an ImplicitArray subclass, got {node_type!r}.")
+        raise TypeError(
+            f"register: node_type must be an ImplicitArray subclass, got {node_type!r}.")
 
     def add(fn: Rule) -> Rule:
         if not callable(fn):

@@ -3,7 +3,11 @@
 from lora_jax.core import MaterializationError
 from lora_jax.core import MaterializationWarning
 from lora_jax.lora.infer import infer_layout
+from lora_jax.lora.infer import layouts_for
+from lora_jax.lora.infer import weight_usage
+from lora_jax.lora.layout import LayoutSpec
 from lora_jax.lora.layout import default_layout
+from lora_jax.lora.layout import normalize as normalize_layout
 from lora_jax.lora.layout import resolve_layout
 from lora_jax.lora.lorafy import lorafy
 from lora_jax.lora.lorafy import merge
@@ -23,6 +27,7 @@ from lora_jax.lora.weight import lora_scale
 
 __all__ = (
     "AdapterNode",
+    "LayoutSpec",
     "LoraWeight",
     "MaterializationError",
     "MaterializationWarning",
@@ -32,14 +37,17 @@ __all__ = (
     "dot_rule",
     "infer_layout",
     "is_adapter",
+    "layouts_for",
     "lora",
     "lora_optimizer",
     "lora_scale",
     "lorafy",
     "merge",
+    "normalize_layout",
     "register_dot_rule",
     "resolve_layout",
     "split",
     "trainable_labels",
     "trainable_mask",
+    "weight_usage",
 )

@@ -20,12 +20,24 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax.core import ImplicitArray, compat, interpret, is_implicit, node, path_str, register, static
+from lora_jax.core import (
+    ImplicitArray,
+    compat,
+    interpret,
+    is_float_array,
+    is_implicit,
+    node,
+    path_str,
+    register,
+    static,
+)
+from lora_jax.lora.layout import LayoutSpec, normalize, resolve_layout
 
 
 @node
@@ -76,7 +88,8 @@ class _Record:
             self.layouts.pop(probe.leaf, None)
         elif probe.leaf in self.layouts or probe.leaf in self.gathered:
             return
-        if stack != list(range(k)) or not ins or min(ins) < 0 or len(ins) >= self.ndims[probe.leaf] - k:
+        n_rest = self.ndims[probe.leaf] - k
+        if stack != list(range(k)) or not ins or min(ins) < 0 or len(ins) >= n_rest:
             return
         self.layouts[probe.leaf] = (k, ins)
 
@@ -143,6 +156,50 @@ def _probe_slice(eqn, invals, ctx):
     return dataclasses.replace(w, value=compat.bind(eqn, w.value))
 
 
+def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=None,
+                what: str, require_use: bool):
+    """``(layout_of(path, leaf), default_target)`` for a transformation of ``params``.
+
+    With ``fn``, layouts come from how ``fn(params, *args, **kwargs)`` uses each leaf
+    (an explicit ``layout`` entry matching the path wins), and the default targets are
+    the leaves it contracts as weights; a leaf ``fn`` never uses raises (``require_use``)
+    or gets the guessed layout. Without ``fn``: ``layout``, a node's own layout, or the
+    guess; ``default_target`` is None (the name-based default).
+    """
+    if fn is None:
+        def layout_of(path, leaf):
+            ins = getattr(leaf, "in_axes", None) or getattr(leaf, "in_ndim", None)
+            own = (getattr(leaf, "stack_ndim", None), ins)
+            if is_implicit(leaf) and None not in own and layout is None:
+                return normalize(own, path, leaf.shape)    # a quantized base keeps its layout
+            return resolve_layout(layout, path, leaf)
+        return layout_of, None
+    if not callable(fn):
+        raise TypeError(f"{what}: fn must be callable, got {type(fn).__name__}.")
+    used = weight_usage(fn, params, tuple(args), kwargs)
+
+    def explicit(path):
+        return layout is not None and (callable(layout) or path in layout
+                                       or any(re.search(k, path) for k in layout))
+
+    def layout_of(path, leaf):
+        if explicit(path):
+            return resolve_layout(layout, path, leaf)
+        if path in used:
+            return normalize(used[path][0], path, leaf.shape)
+        if require_use:
+            raise ValueError(
+                f"{what}: fn never contracts leaf {path!r} (shape {tuple(leaf.shape)}) with an "
+                "input, so it has no input/output axes. Exclude it from targets, or pass "
+                "layout= for it.")
+        return resolve_layout(layout, path, leaf)
+
+    def default(path, leaf):
+        return (path in used and not used[path][1] and is_float_array(leaf)
+                and len(leaf.shape) >= 2)
+    return layout_of, default
+
+
 def infer_layout(fn, params, *args, **kwargs) -> dict[str, tuple[int, tuple[int, ...]]]:
     """``{path: (stack_ndim, in_axes)}`` for every ``params`` leaf that ``fn`` contracts.
 
@@ -152,10 +209,10 @@ def infer_layout(fn, params, *args, **kwargs) -> dict[str, tuple[int, tuple[int,
     as input. Leaves never contracted, or contracted with stacked axes that are
     not leading, are left out. Pass the result as ``lorafy(..., layout=...)``.
     """
-    return {path: lay for path, (lay, _) in usage(fn, params, args, kwargs).items()}
+    return {path: lay for path, (lay, _) in weight_usage(fn, params, args, kwargs).items()}
 
 
-def usage(fn, params, args=(), kwargs=None) -> dict[str, tuple[tuple[int, tuple], bool]]:
+def weight_usage(fn, params, args=(), kwargs=None) -> dict[str, tuple[tuple[int, tuple], bool]]:
     """``{path: (layout, gathered)}``: :func:`infer_layout` plus whether the leaf was
     gathered by rows (an embedding table) rather than contracted as a weight."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_implicit)

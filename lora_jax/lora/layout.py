@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Union
 
-from lora_jax.core.targets import leaf_name
+from lora_jax.core import leaf_name
 
 Layout = tuple[int, tuple[int, ...]]   # (stack_ndim, in_axes)
 LayoutSpec = Union[None, Callable[[str, Any], Any], Mapping[str, Any]]

@@ -31,10 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.core import ImplicitArray, is_implicit, path_str
-from lora_jax.core.targets import Targets, is_float_array, select_leaves
-from lora_jax.lora.infer import usage
-from lora_jax.lora.layout import LayoutSpec, normalize, resolve_layout
+from lora_jax.core import (
+    Targets,
+    is_float_array,
+    is_implicit,
+    path_str,
+    select_leaves,
+)
+from lora_jax.lora.infer import layouts_for
+from lora_jax.lora.layout import LayoutSpec
 from lora_jax.lora.weight import LoraWeight
 
 _INITS = ("kaiming", "gaussian")
@@ -57,38 +62,6 @@ def _check_target(path: str, leaf):
     if len(leaf.shape) < 2:
         raise ValueError(f"leaf {path!r} has shape {tuple(leaf.shape)}; LoRA needs ndim >= 2. "
                          "Exclude it from targets.")
-
-
-def _layouts(params, layout: LayoutSpec, fn, args, kwargs):
-    """``(layout_of(path, leaf), default_target)`` from ``fn`` when given, else the guess."""
-    if fn is None:
-        def layout_of(path, leaf):
-            ins = getattr(leaf, "in_axes", None) or getattr(leaf, "in_ndim", None)
-            own = (getattr(leaf, "stack_ndim", None), ins)
-            if isinstance(leaf, ImplicitArray) and None not in own and layout is None:
-                return normalize(own, path, leaf.shape)    # a quantized base keeps its layout
-            return resolve_layout(layout, path, leaf)
-        return layout_of, None
-    if not callable(fn):
-        raise TypeError(f"lorafy: fn must be callable, got {type(fn).__name__}.")
-    used = usage(fn, params, tuple(args), kwargs)
-
-    def layout_of(path, leaf):
-        explicit = resolve_layout(layout, path, leaf) if layout is not None and (
-            callable(layout) or path in layout or any(re.search(k, path) for k in layout)) else None
-        if explicit is not None:
-            return explicit
-        if path not in used:
-            raise ValueError(
-                f"lorafy: fn never contracts leaf {path!r} (shape {tuple(leaf.shape)}) with an "
-                "input, so it has no input/output axes to adapt. Exclude it from targets, or "
-                "pass layout= for it.")
-        return normalize(used[path][0], path, leaf.shape)
-
-    def default(path, leaf):
-        return (path in used and not used[path][1] and is_float_array(leaf)
-                and len(leaf.shape) >= 2)
-    return layout_of, default
 
 
 def _check_args(rank, alpha, init, dtype):
@@ -168,7 +141,8 @@ def lorafy(params, rank: int = 8, *, alpha: float | None = None, targets: Target
     """
     _check_args(rank, alpha, init, dtype)
     key = jax.random.key(0) if key is None else key
-    layout_of, default = _layouts(params, layout, fn, args, kwargs)
+    layout_of, default = layouts_for(params, layout=layout, fn=fn, args=args, kwargs=kwargs,
+                                     what="lorafy", require_use=True)
     chosen = select_leaves(params, targets, what="lorafy", default=default)
     replace = {}
     for k, (path, _, leaf) in zip(jax.random.split(key, len(chosen)), chosen):

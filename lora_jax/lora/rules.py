@@ -132,7 +132,7 @@ def _gather_rule(eqn, invals, ctx):
         return NotImplemented
     # Rows along an input axis (Flax Embed) come from A; along an output axis from Bᵀ.
     rows_of, other = (w.a, w.b) if w.in_axes == (0,) else (w.b.T, w.a.T)
-    rows = eqn.primitive.bind(rows_of, idx, **dict(p, slice_sizes=(1, w.rank)))           # [..., r] at offset_dims[0]
+    rows = eqn.primitive.bind(rows_of, idx, **dict(p, slice_sizes=(1, w.rank)))  # r at offset
     rows = jnp.moveaxis(rows, dn.offset_dims[0], -1) * jnp.asarray(w.scale, rows.dtype)
     d = jnp.moveaxis(rows @ other.astype(rows.dtype), -1, dn.offset_dims[0])
     base = _base(eqn, invals, w)
@@ -206,7 +206,8 @@ def _slice_rule(eqn, invals, ctx):
     def cut(leaf):
         nd = leaf.ndim
         return lax.slice(leaf, (*p["start_indices"][:k], *(0,) * (nd - k)),
-                         (*p["limit_indices"][:k], *leaf.shape[k:]), (*strides[:k], *(1,) * (nd - k)))
+                         (*p["limit_indices"][:k], *leaf.shape[k:]),
+                         (*strides[:k], *(1,) * (nd - k)))
     return jax.tree.map(cut, w)
 
 

@@ -36,7 +36,7 @@ def _data_fields(node):
 
 
 def _fill(node, trainable_value, frozen_value):
-    """``node`` with trainable fields mapped by ``trainable_value`` and the rest by ``frozen_value``."""
+    """``node``: trainable fields mapped by ``trainable_value``, the rest by ``frozen_value``."""
     keep = type(node).trainable_fields
     return dataclasses.replace(node, **{
         f: (trainable_value if f in keep else frozen_value)(getattr(node, f))
@@ -48,8 +48,11 @@ def trainable_mask(params):
 
     Use with ``optax.masked(tx, mask)``; frozen leaves then get no optimizer state.
     """
-    false = lambda x: jax.tree.map(lambda _: False, x)
-    true = lambda x: jax.tree.map(lambda _: True, x)
+    def false(x):
+        return jax.tree.map(lambda _: False, x)
+
+    def true(x):
+        return jax.tree.map(lambda _: True, x)
     return _map_adapters(lambda n: _fill(n, true, false), false, params)
 
 

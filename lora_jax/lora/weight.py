@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lora_jax.core.implicit import ImplicitArray, dense, node, static
+from lora_jax.core import ImplicitArray, dense, node, static
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:

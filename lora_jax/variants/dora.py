@@ -29,7 +29,6 @@ from jax import lax
 from lora_jax.core import is_implicit, node, path_str, register, static
 from lora_jax.lora import AdapterNode, LoraWeight, dot_rule, lora_scale, lorafy
 
-
 # ----------------------------------------------------------------------------- DoRA node
 
 @node
@@ -108,7 +107,8 @@ def _dora_dot_rule(eqn, invals, ctx):
     if set(wc) != {s + j for j in w.in_axes} or tuple(wb) != tuple(range(s)):
         return ctx.decline(
             f"meets a dot_general contracting axes {tuple(wc)} (batch {tuple(wb)}); DoRA "
-            f"factors only a contraction over its input axes {w.in_axes} with stacked axes batched.")
+            f"factors only a contraction over its input axes {w.in_axes} with stacked axes "
+            "batched.")
     lw = w.as_lora()
     out = dot_rule(eqn, (lhs, lw) if not swapped else (lw, rhs), ctx)
     if out is NotImplemented:

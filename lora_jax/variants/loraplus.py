@@ -92,7 +92,8 @@ def loraplus_optimizer(tx: Any, params=None, *, ratio: float, lr: float | None =
             emb_tx = tx(embedding_lr)
     else:
         raise TypeError("loraplus_optimizer: tx must be a learning rate, a factory "
-                        f"tx(learning_rate) or an optax GradientTransformation; got {type(tx).__name__}.")
+                        "tx(learning_rate) or an optax GradientTransformation; got "
+                        f"{type(tx).__name__}.")
     transforms = {_A: a_tx, _B: b_tx, _FROZEN: optax.set_to_zero()}
     if emb_tx is not None:
         transforms[_EMB] = emb_tx

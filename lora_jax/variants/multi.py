@@ -36,7 +36,8 @@ Example:
     >>> mp = stack_adapters(ad)
     >>> mp["k"].a.shape, adapter_names(mp)
     ((2, 5, 2), ('fr', 'de'))
-    >>> y = lora(lambda p, x: x @ p["k"])(with_adapter_ids(mp, ["de", None, "fr"]), jnp.ones((3, 5)))
+    >>> routed = with_adapter_ids(mp, ["de", None, "fr"])      # one adapter per batch row
+    >>> y = lora(lambda p, x: x @ p["k"])(routed, jnp.ones((3, 5)))
     >>> y.shape
     (3, 7)
 """
@@ -206,7 +207,8 @@ def adapter_ids(params, rows: Sequence) -> jax.Array:
     names = adapter_names(params)
     out = []
     for r in rows:
-        if r is None or (isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r == BASE):
+        is_int = isinstance(r, (int, np.integer)) and not isinstance(r, bool)
+        if r is None or (is_int and r == BASE):
             out.append(BASE)
         else:
             if isinstance(r, (int, np.integer)) and r < 0:

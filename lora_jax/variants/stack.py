@@ -13,12 +13,16 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lora_jax.core import is_implicit, path_str
+from lora_jax.core import path_str
 from lora_jax.lora import LoraWeight, is_adapter
-from lora_jax.variants.multi import (MultiLoraWeight, _index, adapter_names, is_multi,
-                                     unstack_adapter)
+from lora_jax.variants.multi import (
+    MultiLoraWeight,
+    _index,
+    adapter_names,
+    is_multi,
+    unstack_adapter,
+)
 
 
 def flat_adapters(tree):

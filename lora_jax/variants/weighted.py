@@ -78,12 +78,14 @@ def add_weighted_adapter(adapters, weights: Sequence[float], *, combination_type
     if len(ad) == 1:
         combination_type = "linear"       # as PEFT: one adapter merges linearly
     if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
-        raise ValueError(f"add_weighted_adapter: svd_rank must be a positive int, got {svd_rank!r}.")
+        raise ValueError(
+            f"add_weighted_adapter: svd_rank must be a positive int, got {svd_rank!r}.")
     lists = check_adapters(ad, "add_weighted_adapter")
     flat, treedef = flat_adapters(ad[next(iter(ad))])
     out = []
     for i, (path, leaf) in enumerate(flat):
-        parts = [(lists[n][i][1], w) for n, w in zip(ad, ws) if isinstance(lists[n][i][1], LoraWeight)]
+        parts = [(lists[n][i][1], w) for n, w in zip(ad, ws)
+                 if isinstance(lists[n][i][1], LoraWeight)]
         if not parts:
             out.append(leaf)
             continue
