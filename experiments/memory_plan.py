@@ -35,7 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from lora_jax.scale.plan import GiB, LLAMA_CONFIGS, llama_config, plan_memory  # noqa: E402
+from lora_jax.models import LLAMA_CONFIGS, LlamaForCausalLM, llama_config  # noqa: E402
+from lora_jax.scale import plan_memory  # noqa: E402
+
+GiB = 1024 ** 3
+LAYER_KERNELS = r"^layers/.*/kernel$"     # adapters (and NF4) on every decoder-layer kernel
 
 MODES = ("full", "lora", "qlora")
 
@@ -56,6 +60,18 @@ CPU_VS_GPU = [
     "QLoRA paper also pages optimizer state to CPU memory, which this plan does not model.",
     "Parameter, gradient and optimizer bytes are exact for any backend.",
 ]
+
+
+def llama(name: str):
+    """The planner's model factory for a published Llama config."""
+    def make(layers, **dtypes):
+        return LlamaForCausalLM(llama_config(name, num_hidden_layers=layers, **dtypes))
+    return make
+
+
+def plan(name: str, mode: str, **kw) -> dict:
+    layers = LLAMA_CONFIGS[name]["num_hidden_layers"]
+    return plan_memory(llama(name), mode, layers=layers, targets=LAYER_KERNELS, **kw)
 
 
 def _gib(x):
@@ -80,9 +96,9 @@ def main(argv=None):
         for n in args.devices:
             for mode in MODES:
                 t0 = time.perf_counter()
-                r = plan_memory(llama_config(name), mode, n_devices=n, batch=args.batch,
-                                seq=args.seq, remat=not args.no_remat, rank=args.rank,
-                                compile=not args.no_compile, compile_layers=args.compile_layers)
+                r = plan(name, mode, n_devices=n, batch=args.batch, seq=args.seq,
+                         remat=not args.no_remat, rank=args.rank,
+                         compile=not args.no_compile, compile_layers=args.compile_layers)
                 r["model"] = name
                 rows.append(r)
                 print(f"{name:12s} {mode:5s} x{n}: params {_gib(r['param_bytes']):8.2f} GiB  "
@@ -93,8 +109,8 @@ def main(argv=None):
     claims = {}
     if "Llama-2-70B" in args.models and 1 in args.devices and not args.no_compile:
         # The QLoRA paper's setting is a per-GPU batch of 1 with gradient checkpointing.
-        r = plan_memory(llama_config("Llama-2-70B"), "qlora", n_devices=1, batch=1,
-                        seq=args.seq, remat=True, rank=args.rank)
+        r = plan("Llama-2-70B", "qlora", n_devices=1, batch=1, seq=args.seq, remat=True,
+                 rank=args.rank)
         r["model"] = "Llama-2-70B"
         claims["qlora_70b_one_device_batch1"] = {k: r[k] for k in (
             "param_bytes", "grad_bytes", "opt_bytes", "temp_bytes", "total_bytes")}

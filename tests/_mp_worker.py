@@ -25,8 +25,8 @@ def build():
     import optax
 
     import lora_jax as lj
-    from lora_jax.scale.step import cross_entropy_loss
     from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from lora_jax.scale import cross_entropy_loss
 
     cfg = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -49,9 +49,8 @@ def main(pid: int, nproc: int, port: int, ckpt: str, out: str) -> None:
     import numpy as np
 
     import lora_jax as lj
-    from lora_jax.checkpoint.adapter import restore_adapter, save_adapter
-    from lora_jax.scale.sharding import fsdp_specs, lora_specs
-    from lora_jax.scale.step import make_train_step
+    from lora_jax.checkpoint import restore_adapter, save_adapter
+    from lora_jax.scale import fsdp_specs, lora_specs, make_train_step
 
     assert jax.process_count() == nproc and len(jax.devices()) == 4 * nproc
     _, lp, batch, loss_fn, tx = build()

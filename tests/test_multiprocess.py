@@ -31,8 +31,7 @@ def _free_port() -> int:
 
 
 def _reference():
-    from lora_jax.scale.sharding import fsdp_specs, lora_specs
-    from lora_jax.scale.step import make_train_step
+    from lora_jax.scale import fsdp_specs, lora_specs, make_train_step
 
     _, lp, batch, loss_fn, tx = build()
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))

@@ -12,7 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_jax.lora.weight import LoraWeight
-from lora_jax.quant.quantize import (FP4_CODE, NF4_CODE, QuantizedWeight, bits_per_param, dequantize, dynamic_map, from_bnb_state, quantize, quantize_array, to_bnb_state)
+from lora_jax.quant import (
+    FP4_CODE,
+    NF4_CODE,
+    QuantizedWeight,
+    bits_per_param,
+    dequantize,
+    dynamic_map,
+    from_bnb_state,
+    quantize,
+    quantize_array,
+    to_bnb_state,
+)
 
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 
@@ -99,12 +110,14 @@ def _edge_weight(kind, n_out=3):
 def test_bnb_parity_edges(bnb, kind):
     F = bnb.functional
     w = _edge_weight(kind)
-    fp4_small = np.array([[1e-4, -1e-4, 0.002, -0.002, 0.0, 1.0, -1.0]], np.float32)   # fp4 ±0 codes
-    for arr, bs in ((w, 64), (w, 32), (w[:61], 64), (fp4_small, 32), (np.zeros((5, 7), np.float32), 32)):
+    fp4_small = np.array([[1e-4, -1e-4, 0.002, -0.002, 0.0, 1.0, -1.0]], np.float32)  # fp4 ±0
+    zeros = np.zeros((5, 7), np.float32)
+    for arr, bs in ((w, 64), (w, 32), (w[:61], 64), (fp4_small, 32), (zeros, 32)):
         p, s = F.quantize_4bit(_torch(arr, "float32"), blocksize=bs, quant_type=kind)
         q = quantize_array(jnp.asarray(arr), kind, block_size=bs, double_quant=False)
         assert np.array_equal(np.asarray(q.codes), p.numpy().reshape(-1))
-        assert np.array_equal(np.asarray(q.scales).view(np.uint32), s.absmax.numpy().view(np.uint32))
+        assert np.array_equal(np.asarray(q.scales).view(np.uint32),
+                              s.absmax.numpy().view(np.uint32))
         assert np.array_equal(np.asarray(q.materialize()), _bnb_dequant(bnb, p, s))
 
 
@@ -150,7 +163,8 @@ def test_bnb_state_roundtrip(bnb, tmp_path, dq):
     w = rng.standard_normal((80, 20)).astype(np.float32)
     p, s = F.quantize_4bit(_torch(w, "bfloat16"), blocksize=64, quant_type="nf4",
                            compress_statistics=dq)
-    state = {"model.layers.0.q_proj.weight." + k: v.numpy() for k, v in s.as_dict(packed=True).items()}
+    state = {"model.layers.0.q_proj.weight." + k: v.numpy()
+             for k, v in s.as_dict(packed=True).items()}
     state["model.layers.0.q_proj.weight"] = p.numpy()
     save_file(state, str(tmp_path / "m.safetensors"))
     loaded = load_file(str(tmp_path / "m.safetensors"))
@@ -170,7 +184,8 @@ def test_bnb_state_roundtrip(bnb, tmp_path, dq):
                zip(jax.tree_util.tree_leaves(q2), jax.tree_util.tree_leaves(again)))
     import torch
     from bitsandbytes.functional import QuantState
-    qs = QuantState.from_dict({k[len("x.weight."):]: torch.from_numpy(np.array(v)) for k, v in out.items()
+    qs = QuantState.from_dict({k[len("x.weight."):]: torch.from_numpy(np.array(v))
+                               for k, v in out.items()
                                if k != "x.weight"}, device=torch.device("cpu"))
     theirs = _bnb_dequant(bnb, torch.from_numpy(np.array(out["x.weight"])), qs)
     np.testing.assert_array_equal(np.asarray(q2.materialize().astype(jnp.float32)), theirs)
@@ -250,7 +265,7 @@ def test_stacked_per_layer_scan_vmap_jit(kind, dq):
     full = np.asarray(q.materialize())
     for layer in range(3):
         ql = quantize_array(jnp.asarray(w[layer]), kind, block_size=32, double_quant=dq)
-        sliced = jax.tree_util.tree_map(lambda x: x[layer], q)
+        sliced = jax.tree_util.tree_map(lambda x, layer=layer: x[layer], q)
         assert sliced.shape == (11, 13)
         for a, b in zip(jax.tree_util.tree_leaves(sliced), jax.tree_util.tree_leaves(ql)):
             if dq and a.dtype == jnp.float32:
@@ -286,6 +301,73 @@ def test_astype_and_multi_axis_layout():
     assert np.array_equal(np.asarray(q.materialize()).reshape(6, 20), np.asarray(q2.materialize()))
 
 
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int4"])
+def test_in_axes_layouts_store_the_same_matrix(kind):
+    """(out, in) and einsum-style weights: the stored (K, N) matrix is the (in, out) one."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((7, 11)).astype(np.float32)               # Flax (in=7, out=11)
+    opts = dict(block_size=32, double_quant=False, group_size=4)
+    flax = quantize_array(jnp.asarray(w), kind, **opts)
+    eqx = quantize_array(jnp.asarray(w.T), kind, in_axes=(1,), **opts)  # Equinox (out, in)
+    assert eqx.shape == (11, 7) and eqx.in_axes == (1,) and eqx.in_ndim == 1
+    assert (eqx.in_features, eqx.out_features) == (7, 11)
+    for a, b in zip(jax.tree_util.tree_leaves(flax), jax.tree_util.tree_leaves(eqx)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.array_equal(np.asarray(eqx.materialize()), np.asarray(flax.materialize()).T)
+    # Gemma-style einsum kernel (N=3, D=5, H=2) contracted on D, stacked twice.
+    g = rng.standard_normal((2, 3, 5, 2)).astype(np.float32)
+    qg = quantize_array(jnp.asarray(g), kind, stack_ndim=1, in_axes=(1,), **opts)
+    canon = quantize_array(jnp.asarray(g.transpose(0, 2, 1, 3)), kind, stack_ndim=1, **opts)
+    assert qg.shape == (2, 3, 5, 2) and canon.shape == (2, 5, 3, 2)
+    assert np.array_equal(np.asarray(qg.codes), np.asarray(canon.codes))
+    assert np.array_equal(np.asarray(qg.materialize()),
+                          np.asarray(canon.materialize()).transpose(0, 2, 1, 3))
+    assert np.array_equal(np.asarray(qg[1].materialize()), np.asarray(qg.materialize())[1])
+
+
+def test_bnb_state_of_an_out_in_weight(bnb):
+    """An Equinox (out, in) weight stores bitsandbytes' bytes for that torch weight."""
+    import torch
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((11, 13)).astype(np.float32)              # torch (out, in)
+    p, s = bnb.functional.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4")
+    q = quantize_array(jnp.asarray(w), "nf4", in_axes=(1,), double_quant=False)
+    assert np.array_equal(np.asarray(q.codes), p.numpy().reshape(-1))
+    assert np.array_equal(np.asarray(q.materialize()), _bnb_dequant(bnb, p, s).T)
+    state = to_bnb_state(q, "m.")
+    json_key = "m.weight.quant_state.bitsandbytes__nf4"
+    assert json.loads(bytes(state[json_key]))["shape"] == [11, 13]
+    back = from_bnb_state(state, "m.", in_axes=(1,))
+    assert back.shape == (11, 13) and back.in_axes == (1,)
+    assert from_bnb_state(state, "m.").shape == (13, 11)
+    with pytest.raises(ValueError, match="does not match"):
+        from_bnb_state(state, "m.", shape=(13, 12))
+
+
+def test_quantize_layouts_from_fn():
+    """fn= reads each weight's input axes off the function; targets default like lorafy's."""
+    rng = np.random.default_rng(13)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
+    params = {"embed": f(9, 6), "proj": {"weight": f(5, 6)}, "einsum": {"w": f(3, 5, 2)}}
+
+    def fn(p, ids):
+        h = p["embed"][ids] @ p["proj"]["weight"].T                    # (out, in) matrix
+        return jnp.einsum("bd,ndh->bnh", h, p["einsum"]["w"])          # contracted on D
+    ids = jnp.array([1, 4, 8])
+    q = quantize(params, "nf4", block_size=32, fn=fn, args=(ids,))
+    assert q["proj"]["weight"].in_axes == (1,) and q["einsum"]["w"].in_axes == (1,)
+    assert q["embed"] is params["embed"]                               # gathered, not contracted
+    for path in (("proj", "weight"), ("einsum", "w")):
+        w, d = params[path[0]][path[1]], dequantize(q)[path[0]][path[1]]
+        bound = _max_half_gap("nf4") * float(jnp.abs(w).max()) * (1 + 1e-6)
+        assert d.shape == w.shape and float(jnp.abs(d - w).max()) <= bound, path
+    guessed = quantize(params, "nf4", block_size=32)
+    assert guessed["proj"]["weight"].in_axes == (1,)                   # 'weight' = (out, in)
+    assert guessed["einsum"]["w"].in_axes == (0,) and guessed["einsum"]["w"].stack_ndim == 1
+    with pytest.raises(TypeError, match="fn must be callable"):
+        quantize(params, fn="not a function")
+
+
 def _params():
     rng = np.random.default_rng(9)
     f = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
@@ -311,11 +393,13 @@ def test_quantize_tree_default_targets():
     assert not isinstance(params["head"]["kernel"], QuantizedWeight)      # pure
     d = dequantize(q)
     assert jax.tree_util.tree_structure(d) == jax.tree_util.tree_structure(params)
-    np.testing.assert_allclose(np.asarray(d["head"]["kernel"]), np.asarray(params["head"]["kernel"]),
+    np.testing.assert_allclose(np.asarray(d["head"]["kernel"]),
+                               np.asarray(params["head"]["kernel"]),
                                atol=0.5)
     # regex list / predicate / already quantized
     q2 = quantize(params, "int4", targets=["head/kernel", r"attn/kernel$"])
-    assert q2["head"]["kernel"].kind == "int4" and not isinstance(q2["conv"]["weight"], QuantizedWeight)
+    assert q2["head"]["kernel"].kind == "int4"
+    assert not isinstance(q2["conv"]["weight"], QuantizedWeight)
     q3 = quantize(params, "fp4", targets=lambda p, leaf: p == "head/kernel")
     assert q3["head"]["kernel"].kind == "fp4"
     q4 = quantize(q, "nf4")
@@ -324,13 +408,19 @@ def test_quantize_tree_default_targets():
 
 def test_quantize_lora_w0():
     rng = np.random.default_rng(10)
-    lw = LoraWeight(w0=jnp.asarray(rng.standard_normal((8, 6)).astype(np.float32)),
-                    a=jnp.zeros((8, 2)), b=jnp.zeros((2, 6)), alpha=2.0)
+    w0 = rng.standard_normal((8, 6)).astype(np.float32)
+    lw = LoraWeight(w0=jnp.asarray(w0), a=jnp.zeros((8, 2)), b=jnp.zeros((2, 6)), alpha=2.0)
     q = quantize({"dense": {"kernel": lw}}, "nf4")
     node = q["dense"]["kernel"]
     assert isinstance(node, LoraWeight) and isinstance(node.w0, QuantizedWeight)
     d = dequantize(q)["dense"]["kernel"]
     assert isinstance(d, LoraWeight) and d.w0.shape == (8, 6)
+    # An (out, in) adapter's w0 is quantized with the adapter's own layout.
+    lw_t = LoraWeight(w0=jnp.asarray(w0.T), a=jnp.zeros((8, 2)), b=jnp.zeros((2, 6)),
+                      alpha=2.0, in_axes=(1,))
+    qt = quantize({"dense": {"weight": lw_t}}, "nf4", layout={"dense": (0, (0,))})
+    assert qt["dense"]["weight"].w0.in_axes == (1,)
+    assert np.array_equal(np.asarray(qt["dense"]["weight"].w0.codes), np.asarray(node.w0.codes))
 
 
 def test_errors():
@@ -348,8 +438,10 @@ def test_errors():
         quantize(params, targets=[r"head/"])
     with pytest.raises(ValueError, match="nomatch"):
         quantize(params, targets=["head/kernel", "nomatch"])
-    with pytest.raises(ValueError, match="matched no leaf"):
+    with pytest.raises(ValueError, match="no leaf matches the default targets"):
         quantize({"embed": {"embedding": jnp.ones((4, 4))}})
+    with pytest.raises(ValueError, match="'head/kernel'.*in_axes"):
+        quantize(params, targets="head/kernel", layout={"head": (0, (2,))})
 
 
 # ------------------------------------------------------------ storage figures
@@ -360,7 +452,8 @@ def test_bits_per_param():
               "norm": {"scale": jax.ShapeDtypeStruct((4096,), jnp.float32)}}
     for kind, dq, lo, hi in (("nf4", True, 4.12, 4.13), ("nf4", False, 4.49, 4.5),
                              ("fp4", True, 4.12, 4.13), ("int4", False, 4.24, 4.26)):
-        tree = jax.eval_shape(lambda p: quantize(p, kind, double_quant=dq), shapes)
+        tree = jax.eval_shape(lambda p, kind=kind, dq=dq: quantize(p, kind, double_quant=dq),
+                              shapes)
         r = bits_per_param(tree)
         assert lo <= r["bits_per_param"] <= hi, (kind, dq, r)
         assert r["unquantized_leaves"] == 1 and r["unquantized_params"] == 4096

@@ -1,22 +1,34 @@
-"""Sharding specs for LoRA / quantized trees, the sharded train step, and the memory planner."""
+"""Sharding specs for LoRA / quantized trees, the sharded train step, and the memory planner.
+
+8 CPU devices (tests/conftest.py sets XLA_FLAGS before jax is imported).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
-from lora_jax.quant.quantize import QuantizedWeight, quantize
-from lora_jax.scale.sharding import (fsdp_specs, logical_specs, lora_specs, per_device_bytes, shard_params)
-from lora_jax.scale.step import make_train_step
-
 from _mp_worker import build
+from lora_jax.quant import QuantizedWeight, quantize
+from lora_jax.scale import (
+    cross_entropy_loss,
+    fsdp_specs,
+    logical_specs,
+    lora_specs,
+    make_train_step,
+    per_device_bytes,
+    shard_params,
+)
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 AXES = ("data", "fsdp", "tensor")
@@ -82,7 +94,8 @@ def test_lora_specs_factor_rules():
 def test_quantized_specs_keep_blocks_whole():
     mesh = _mesh((2, 2, 2))
     key = jax.random.key(0)
-    params = {"a": {"kernel": jax.random.normal(key, (3, 32, 48), jnp.float32)},   # 1536/64 = 24 blocks
+    # a: 1536 / 64 = 24 blocks per layer
+    params = {"a": {"kernel": jax.random.normal(key, (3, 32, 48), jnp.float32)},
               "b": {"kernel": jax.random.normal(key, (3, 32, 67), jnp.float32)}}   # partial block
     q = quantize(params, "nf4")
     base = {"a": {"kernel": P(None, "fsdp", "tensor")}, "b": {"kernel": P(None, "fsdp", None)}}
@@ -101,7 +114,8 @@ def test_quantized_specs_keep_blocks_whole():
     # Every shard holds whole blocks: shard length is a multiple of block_size / 2 bytes.
     assert (c.shape[-1] // 4) % (64 // 2) == 0
     # Dequantizing the sharded node gives the same weights.
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda n: n.materialize())(placed["a"]["kernel"])),
+    dense = jax.jit(lambda n: n.materialize())(placed["a"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(dense),
                                   np.asarray(q["a"]["kernel"].materialize()))
 
     qi = quantize(params, "int4", group_size=8)     # codes [3, 16, 48], scales [3, 4, 48]
@@ -178,7 +192,6 @@ def test_sharded_steps_match_single_device(mode, model_setup, trees, reference):
 
 def test_full_finetune_step_shards_and_donates(model_setup):
     model, lp, batch, _, tx = model_setup
-    from lora_jax.scale.step import cross_entropy_loss
     base = lj.merge(lp)
     loss_fn = cross_entropy_loss(model.apply)
     mesh = _mesh((2, 4, 1))
@@ -193,44 +206,199 @@ def test_full_finetune_step_shards_and_donates(model_setup):
     assert np.isfinite(float(loss))
 
 
+# ----------------------------------------------------------------------------- make_mesh
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + jax.nn.gelu(nn.Dense(32, name="mid")(h)), None
+
+
+class _MLP(nn.Module):
+    """Column/row-parallel names, a scanned (stacked) layer, 5 classes."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jax.nn.gelu(nn.Dense(32, name="up_proj")(x))
+        layers = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=2)
+        h, _ = layers(name="layers")(h, None)
+        return nn.Dense(5, name="down_proj")(h)
+
+
+def _make_mesh(shape, kind):
+    types = (AxisType.Explicit if kind == "explicit" else AxisType.Auto,) * len(shape)
+    mesh = jax.make_mesh(shape, AXES, axis_types=types, devices=jax.devices()[:math.prod(shape)])
+    assert tuple(mesh.axis_types) == types
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = _MLP()
+    x = jax.random.normal(jax.random.key(0), (8, 12))
+    batch = {"x": x, "y": jnp.arange(8) % 5}
+    base = model.init(jax.random.key(2), x)["params"]
+
+    def loss(apply):
+        def loss_fn(params, batch):
+            logits = apply({"params": params}, batch["x"])
+            # one_hot, not integer labels: take_along_axis's gradient is a scatter that
+            # explicit axes cannot place on JAX 0.12.
+            return optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["y"], 5)).mean()
+        return loss_fn
+
+    trees = {"lora": lj.lorafy(base, rank=3, key=jax.random.key(3)),
+             "nf4": lj.lorafy(quantize(base, "nf4"), rank=3, key=jax.random.key(3))}
+    return model, base, trees, batch, loss(lj.lora(model.apply)), loss(model.apply)
+
+
+def _train_on(tree, loss_fn, batch, mesh, trainable="lora", steps=4):
+    specs = lora_specs(tree, fsdp_specs(tree, mesh, min_size=64), mesh)
+    step = make_train_step(loss_fn, optax.adam(1e-2), mesh, specs, trainable=trainable)
+    tr, fr, opt = step.init(tree)
+    b = step.shard_batch(batch)
+    losses = []
+    for _ in range(steps):
+        tr, opt, loss = step(tr, fr, opt, b)
+        losses.append(float(loss))
+    return np.array(losses), tr, fr
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_make_mesh_lora_and_nf4_match_one_device(kind, mlp):
+    """dp x fsdp x tp from jax.make_mesh: the same losses as one device, auto or explicit."""
+    model, base, trees, batch, loss_fn, base_loss_fn = mlp
+    one, mesh = _make_mesh((1, 1, 1), kind), _make_mesh((2, 2, 2), kind)
+    runs = [(name, tree, loss_fn, "lora") for name, tree in trees.items()]
+    runs.append(("full fine-tune", base, base_loss_fn, "all"))
+    placed = {}
+    for name, tree, fn, trainable in runs:
+        ref, *_ = _train_on(tree, fn, batch, one, trainable)
+        assert ref[-1] < ref[0], name
+        losses, *placed[name] = _train_on(tree, fn, batch, mesh, trainable)
+        np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=name)
+    tr, fr = placed["nf4"]
+    a, codes = tr["up_proj"]["kernel"].a, fr["layers"]["mid"]["kernel"].w0.codes
+    if kind == "explicit":          # weights sharded on their input axis only
+        assert a.sharding.spec == P(("fsdp", "tensor"), None)
+        assert codes.sharding.spec == P(None, ("fsdp", "tensor"))   # 1024 = 4 x 4 blocks
+    else:                           # Megatron column split on up_proj's output axis
+        assert a.sharding.spec == P("fsdp", None)
+        assert codes.sharding.spec == P(None, "fsdp")
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_nf4_output_sharded_like_the_unquantized_model(kind, mlp):
+    model, base, *_ = mlp
+    mesh = _make_mesh((2, 2, 2), kind)
+    x = jax.random.normal(jax.random.key(4), (8, 12))
+    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+    fwd = jax.jit(lambda p, x: lj.lora(model.apply)({"params": p}, x))
+    q = quantize(base, "nf4")
+    outs = {}
+    for name, tree in (("base", base), ("nf4", q)):
+        specs = lora_specs(tree, fsdp_specs(tree, mesh, min_size=64), mesh)
+        outs[name] = fwd(shard_params(tree, mesh, specs), xs)
+    assert outs["nf4"].sharding.spec == outs["base"].sharding.spec
+    assert outs["nf4"].sharding.spec[0] == ("data", "fsdp")          # batch sharding kept
+    np.testing.assert_allclose(np.asarray(outs["nf4"]),
+                               np.asarray(model.apply({"params": lj.dequantize(q)}, x)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_specs_explicit_axes_shard_inputs_only():
+    mesh = _make_mesh((2, 2, 2), "explicit")
+    params = {"up_proj": {"kernel": jnp.zeros((12, 32))},        # Flax (in, out)
+              "eqx": {"weight": jnp.zeros((7, 12))},             # Equinox (out, in)
+              "odd": {"kernel": jnp.zeros((6, 11))},             # 6: fsdp alone divides
+              "layers": {"kernel": jnp.zeros((3, 16, 11)), "bias": jnp.zeros((3, 32))},
+              "embed": {"embedding": jnp.zeros((64, 8))}}
+    s = fsdp_specs(params, mesh, min_size=64)
+    assert s["up_proj"]["kernel"] == P(("fsdp", "tensor"), None)   # not column parallel
+    assert s["eqx"]["weight"] == P(None, ("fsdp", "tensor"))
+    assert s["odd"]["kernel"] == P("fsdp", None)
+    assert s["layers"]["kernel"] == P(None, ("fsdp", "tensor"), None)
+    assert s["layers"]["bias"] == P() and s["embed"]["embedding"] == P()
+
+
+def test_specs_follow_in_axes():
+    """An (out, in) weight's A takes its input axis' spec, B its output axis'."""
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16)), jnp.float32)  # (out, in)
+    lw = lj.LoraWeight(w, jnp.zeros((16, 3)), jnp.zeros((3, 8)), in_axes=(1,))
+    spec = lora_specs({"k": lw}, {"k": P("tensor", "fsdp")})["k"]
+    assert spec.a == P("fsdp", None) and spec.b == P(None, "tensor")
+    mesh = _mesh((2, 2, 2))
+    for kind, want in (("nf4", P("tensor")), ("int4", P("fsdp", "tensor"))):
+        eqx = quantize({"k": {"weight": w}}, kind, group_size=4)
+        flax = quantize({"k": {"kernel": w.T}}, kind, group_size=4)
+        assert eqx["k"]["weight"].in_axes == (1,) and flax["k"]["kernel"].in_axes == (0,)
+        s_eqx = lora_specs(eqx, {"k": {"weight": P("tensor", "fsdp")}}, mesh)["k"]["weight"]
+        s_flax = lora_specs(flax, {"k": {"kernel": P("fsdp", "tensor")}}, mesh)["k"]["kernel"]
+        assert s_eqx.codes == s_flax.codes == want, kind      # nf4: 128 = 2 blocks -> tensor
+
+
+def test_nf4_with_sharded_layers_on_explicit_mesh():
+    """A stacked NF4 node whose layer axis is sharded dequantizes per layer, in place."""
+    mesh = _make_mesh((2, 2, 2), "explicit")
+    w = jax.random.normal(jax.random.key(5), (2, 32, 24))          # 768 = 12 blocks per layer
+    q = quantize({"k": {"kernel": w}}, "nf4")
+    specs = lora_specs(q, {"k": {"kernel": P("data", "fsdp", "tensor")}}, mesh)
+    node = shard_params(q, mesh, specs)["k"]["kernel"]
+    assert node.codes.sharding.spec == P("data", ("tensor", "fsdp"))
+    dense = jax.jit(lambda n: n.materialize())(node)
+    assert dense.sharding.spec == P("data", None, None)             # stacked axis kept
+    np.testing.assert_array_equal(np.asarray(dense), np.asarray(q["k"]["kernel"].materialize()))
+
+
 # ----------------------------------------------------------------------------- planner
 
 
 def test_memory_planner_counts():
-    from lora_jax.scale.plan import plan_memory
-    from lora_jax.models.llama import LlamaConfig
+    from lora_jax.models import LlamaConfig, LlamaForCausalLM
 
     L, D, F, V, H, KV, hd, r = 2, 64, 128, 96, 4, 2, 16, 4
     cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
                       num_attention_heads=H, num_key_value_heads=KV, head_dim=hd)
+
+    def llama(layers, **dtypes):                        # the planner's model factory
+        return LlamaForCausalLM(dataclasses.replace(cfg, num_hidden_layers=layers, **dtypes))
+
+    def plan(mode, **kw):
+        return lj.plan_memory(llama, mode, layers=L, seq=8, targets=r"^layers/.*/kernel$", **kw)
     kernels = [(D, H * hd), (D, KV * hd), (D, KV * hd), (H * hd, D), (D, F), (D, F), (F, D)]
     n_kernel = L * sum(i * o for i, o in kernels)
     n_other = 2 * V * D + 2 * L * D + D                 # embed, lm_head, norms
     n_ab = L * sum(r * (i + o) for i, o in kernels)
 
-    full = plan_memory(cfg, "full", n_devices=1, batch=2, seq=8, compile=False)
+    full = plan("full", n_devices=1, batch=2, compile=False)
     assert full["trainable_params"] == n_kernel + n_other
     assert full["param_bytes"] == 4 * (n_kernel + n_other)
     assert full["grad_bytes"] == 4 * (n_kernel + n_other)
     assert full["opt_bytes"] == 8 * (n_kernel + n_other) + 4      # AdamW mu, nu + int32 count
 
-    lo = plan_memory(cfg, "lora", n_devices=1, batch=2, seq=8, rank=r)
+    lo = plan("lora", n_devices=1, batch=2, rank=r)
     assert lo["trainable_params"] == n_ab
     assert lo["param_bytes"] == 2 * (n_kernel + n_other) + 4 * n_ab   # bf16 base, f32 A/B
     assert lo["grad_bytes"] == 4 * n_ab
     assert lo["opt_bytes"] == 8 * n_ab + 4
     assert lo["temp_bytes"] > lo["grad_bytes"]
 
-    ql = plan_memory(cfg, "qlora", n_devices=1, batch=2, seq=8, rank=r, compile=False)
+    ql = plan("qlora", n_devices=1, batch=2, rank=r, compile=False)
     # NF4 + double quant: n/2 code bytes, 1 byte per 64-block absmax, f32 per 256 absmax, f32 mean.
     q_bytes = sum(L * (i * o // 2 + math.ceil(i * o / 64) + 4 * math.ceil(i * o / 64 / 256) + 4)
                   for i, o in kernels)
     assert ql["param_bytes"] == q_bytes + 2 * n_other + 4 * n_ab
     assert ql["opt_bytes"] == 8 * n_ab + 4
 
-    lo8 = plan_memory(cfg, "lora", n_devices=8, batch=8, seq=8, rank=r, compile=False)
+    lo8 = plan("lora", n_devices=8, batch=8, rank=r, compile=False)
     # fsdp_specs shards the larger of (in, out) of each kernel over 8 devices (ties: in);
     # A [L, in, r] follows W's in axis, B [L, r, out] its out axis.
     ab8 = L * sum(r * (i // 8 + o) if i >= o else r * (i + o // 8) for i, o in kernels)
     assert lo8["grad_bytes"] == 4 * ab8
     assert lo8["opt_bytes"] == 8 * ab8 + 4
+    with pytest.raises(TypeError, match="factory"):
+        lj.plan_memory(cfg, "lora", layers=L)
+    with pytest.raises(ValueError, match="mode"):
+        lj.plan_memory(llama, "qat", layers=L)

@@ -1,12 +1,12 @@
-"""Sharding specs, the sharded train step, and the AOT memory plan."""
+"""Sharding specs, placement on a mesh, the sharded train step, and the AOT memory plan."""
 
+from lora_jax.scale.fsdp import fsdp_specs
+from lora_jax.scale.fsdp import logical_specs
+from lora_jax.scale.placement import named_shardings
+from lora_jax.scale.placement import per_device_bytes
+from lora_jax.scale.placement import shard_params
 from lora_jax.scale.plan import plan_memory
-from lora_jax.scale.sharding import fsdp_specs
-from lora_jax.scale.sharding import logical_specs
-from lora_jax.scale.sharding import lora_specs
-from lora_jax.scale.sharding import named_shardings
-from lora_jax.scale.sharding import per_device_bytes
-from lora_jax.scale.sharding import shard_params
+from lora_jax.scale.specs import lora_specs
 from lora_jax.scale.step import TrainStep
 from lora_jax.scale.step import cross_entropy_loss
 from lora_jax.scale.step import make_train_step

@@ -1,18 +1,33 @@
 """A sharded training step: jit with in/out shardings, donation, trainable half only.
 
-Example (8 devices)::
-
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
-    specs = lj.lora_specs(params, lj.fsdp_specs(params, mesh), mesh)
-    step = lj.make_train_step(loss_fn, optax.adamw(1e-4), mesh, specs,
-                              P(("data", "fsdp")))
-    trainable, frozen, opt_state = step.init(params)      # placed on the mesh
-    for batch in data:
-        trainable, opt_state, loss = step(trainable, frozen, opt_state,
-                                          step.shard_batch(batch))
-
 ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` with ``has_aux=True``)
-receives the whole combined tree; wrap the model with ``lj.lora`` inside it.
+receives the whole combined tree; wrap the model with ``lj.lora`` inside it. The
+mesh may have auto or explicit axes (``jax.make_mesh``'s default).
+
+Example (8 devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` on CPU):
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import lora_jax as lj
+    >>> model = nn.Sequential([nn.Dense(64), jax.nn.gelu, nn.Dense(5)])
+    >>> x, y = jnp.ones((8, 12)), jnp.arange(8) % 5
+    >>> params = lj.lorafy(model.init(jax.random.key(0), x)["params"], rank=4)
+    >>> def loss_fn(params, batch):
+    ...     logits = lj.lora(model.apply)({"params": params}, batch["x"])
+    ...     return optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["y"], 5)).mean()
+    >>> mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    >>> specs = lj.lora_specs(params, lj.fsdp_specs(params, mesh, min_size=256), mesh)
+    >>> step = lj.make_train_step(loss_fn, optax.adamw(1e-2), mesh, specs,
+    ...                           P(("data", "fsdp")))
+    >>> trainable, frozen, opt_state = step.init(params)      # placed on the mesh
+    >>> losses = []
+    >>> for batch in [{"x": x, "y": y}] * 5:
+    ...     trainable, opt_state, loss = step(trainable, frozen, opt_state,
+    ...                                       step.shard_batch(batch))
+    ...     losses.append(float(loss))
+    >>> losses[-1] < losses[0]
+    True
+    >>> trainable["layers_0"]["kernel"].a.sharding.spec      # like W's input axis
+    P(('fsdp', 'tensor'), None)
 """
 
 from __future__ import annotations
@@ -23,16 +38,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from lora_jax.scale.sharding import _place, named_shardings
-from lora_jax.lora.train import combine, split
+from lora_jax.lora import combine, split
+from lora_jax.scale.fsdp import is_explicit
+from lora_jax.scale.placement import named_shardings, place, place_tree
 
 __all__ = ["make_train_step", "TrainStep", "opt_state_specs"]
-
-
-def _is_spec(x):
-    return isinstance(x, P)
 
 
 def _none_tree(tree):
@@ -48,7 +61,7 @@ def opt_state_specs(opt_state, trainable, trainable_specs):
     key path and has its shape gets that leaf's spec (Adam's mu/nu, masked states, chains);
     everything else (step counts, scalars) is replicated."""
     tr_flat, _ = jax.tree_util.tree_flatten_with_path(trainable)
-    sp_flat = jax.tree.leaves(trainable_specs, is_leaf=_is_spec)
+    sp_flat = jax.tree.leaves(trainable_specs, is_leaf=lambda x: isinstance(x, P))
     if len(tr_flat) != len(sp_flat):
         raise ValueError("trainable and trainable_specs do not have the same leaves")
     table = {tuple(p): (tuple(x.shape), s) for (p, x), s in zip(tr_flat, sp_flat)}
@@ -98,6 +111,7 @@ class TrainStep:
         b_sh = named_shardings(self.batch_spec, m)
         rep = NamedSharding(m, P())
         loss_fn, tx, has_aux = self.loss_fn, self.tx, self.has_aux
+        explicit = is_explicit(m)
 
         def step(tr, fr, opt_state, batch):
             def f(t):
@@ -108,7 +122,8 @@ class TrainStep:
                 loss, grads = jax.value_and_grad(f)(tr)
                 aux = None
             # Reduce-scatter the gradients into the parameters' layout.
-            grads = jax.lax.with_sharding_constraint(grads, tr_sh)
+            grads = (jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint)(
+                grads, tr_sh)
             # optax mixes Python floats and int32 counts; it is not clean under
             # jax_numpy_dtype_promotion="strict", so the update runs with standard rules.
             with jax.numpy_dtype_promotion("standard"):
@@ -135,10 +150,7 @@ class TrainStep:
     # ------------------------------------------------------------------ public
     def place(self, params):
         """Place a full (combined) params tree on the mesh and split it: (trainable, frozen)."""
-        shardings = named_shardings(self.param_specs, self.mesh)
-        placed = jax.tree.map(lambda s, x: _place(x, s), shardings, params,
-                              is_leaf=lambda x: isinstance(x, NamedSharding) or x is None)
-        return self.split(placed)
+        return self.split(place_tree(params, named_shardings(self.param_specs, self.mesh)))
 
     def init(self, params):
         """``(trainable, frozen, opt_state)`` placed on the mesh, from a full params tree."""
@@ -154,9 +166,8 @@ class TrainStep:
         """Place a host batch (the same full global batch on every process)."""
         sh = named_shardings(self.batch_spec, self.mesh)
         if isinstance(sh, NamedSharding):
-            return jax.tree.map(lambda x: _place(x, sh), batch)
-        return jax.tree.map(lambda s, x: _place(x, s), sh, batch,
-                            is_leaf=lambda x: isinstance(x, NamedSharding))
+            return jax.tree.map(lambda x: place(x, sh), batch)
+        return place_tree(batch, sh)
 
     def abstract(self, params, batch):
         """Abstract ``(trainable, frozen, opt_state, batch)`` with shardings, for ``lower``.
@@ -169,8 +180,7 @@ class TrainStep:
         trainable, frozen = self.place(params)
         self._ensure(trainable)
         opt = jax.eval_shape(self.tx.init, trainable)
-        opt = jax.tree.map(lambda s, x: _place(x, s), named_shardings(self.opt_specs, self.mesh),
-                           opt, is_leaf=lambda x: isinstance(x, NamedSharding) or x is None)
+        opt = place_tree(opt, named_shardings(self.opt_specs, self.mesh))
         return trainable, frozen, opt, self.shard_batch(batch)
 
     def lower(self, trainable, frozen, opt_state, batch):
@@ -182,8 +192,11 @@ class TrainStep:
         return self._jitted(trainable, frozen, opt_state, batch)
 
 
+BATCH_SPEC = P(("data", "fsdp"))      # the batch axis split over data and fsdp
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, mesh: Mesh,
-                    param_specs, batch_spec=P(("data", "fsdp")), *, has_aux: bool = False,
+                    param_specs, batch_spec=BATCH_SPEC, *, has_aux: bool = False,
                     trainable: str = "lora", donate: bool = True) -> TrainStep:
     """Build a sharded training step over ``mesh`` (axes e.g. ``("data", "fsdp", "tensor")``).
 
@@ -223,10 +236,11 @@ def cross_entropy_loss(apply_fn: Callable):
     def loss_fn(params, batch):
         logits = apply_fn({"params": params}, batch["input_ids"]).astype(jnp.float32)
         labels = batch["labels"]
-        valid = labels >= 0
-        safe = jnp.where(valid, labels, jnp.zeros_like(labels))
         logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-        w = valid.astype(jnp.float32)
+        # A compare-and-select picks logp[label] exactly; unlike take_along_axis its
+        # gradient is no scatter, which explicit-axes sharding cannot place.
+        hit = jax.lax.broadcasted_iota(labels.dtype, logp.shape, logp.ndim - 1) == labels[..., None]
+        nll = -jnp.sum(jnp.where(hit, logp, jnp.float32(0)), axis=-1)
+        w = (labels >= 0).astype(jnp.float32)
         return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), jnp.float32(1))
     return loss_fn
