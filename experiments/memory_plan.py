@@ -1,7 +1,7 @@
 """Memory planner: per-device bytes of full fine-tuning vs LoRA vs QLoRA for Llama models.
 
-    python experiments/memory_plan.py [--batch 8] [--seq 512] [--no-remat] [--devices 1 8]
-                                      [--models Llama-2-7B ...] [--compile-layers N]
+    python -m experiments.memory_plan [--batch 8] [--seq 512] [--no-remat] [--devices 1 8]
+                                       [--models Llama-2-7B ...] [--compile-layers N]
 
 Everything is abstract (``jax.eval_shape`` + ``jit(step).lower(...).compile()``): no
 weights are allocated, so 70B models plan on a laptop. Parameters, gradients and optimizer
@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
