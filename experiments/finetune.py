@@ -2,7 +2,8 @@
 
     python -m experiments.finetune            # same flags as `lora-jax finetune`
 
-Same as ``lora-jax finetune`` (see ``lora_jax/cli.py``); additionally copies the run's
+Same as ``lora-jax finetune`` (flags: ``lora_jax/cli.py``, the job:
+``lora_jax/recipes/finetune/``); additionally copies the run's
 summary and loss curve to experiments/results/finetune.json and finetune_loss.png.
 """
 
@@ -11,7 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from lora_jax.cli import build_parser, config_from_args, finetune
+from lora_jax.cli import build_parser, config_from_args
+from lora_jax.recipes.finetune import finetune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

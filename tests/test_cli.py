@@ -12,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lora_jax as lj
 from lora_jax import cli
+from lora_jax.models import LlamaConfig, LlamaForCausalLM, from_pretrained, load_tokenizer
+from lora_jax.recipes.finetune import DEFAULT_TARGETS, answer_positions, make_logits_at
 from lora_jax.recipes.finetune import data as D
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
@@ -41,16 +44,13 @@ def _tokenizer(tmp_path):
 
 
 def _tiny_hf_dir(tmp_path):
-    from lora_jax.checkpoint.adapter import export_merged
-    from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
-
     d = tmp_path / "tiny-llama"
     vocab = _tokenizer(tmp_path)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       eos_token_id=2, bos_token_id=1)
     params = LlamaForCausalLM(cfg).init_params(jax.random.key(0), 4)
-    export_merged(params, d)                      # HF names, (out, in) layout
+    lj.export_merged(params, d)                      # HF names, (out, in) layout
     (d / "config.json").write_text(json.dumps(cfg.to_hf()))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).rename(d / name)
@@ -107,25 +107,18 @@ def test_finetune_end_to_end(setup, quant, capsys):
     assert "trainable parameters" in printed and "held-out accuracy" in printed
 
     # the saved adapter restores onto the same (quantized) base
-    import lora_jax as lj
-    from lora_jax.checkpoint.adapter import restore_adapter
-    from lora_jax.models.loading import from_pretrained
     _, base = from_pretrained(model_dir)
     if quant != "none":
-        from lora_jax.quant.quantize import quantize
-        base = quantize(base, quant, targets=cli.DEFAULT_TARGETS)
-    template = lj.lorafy(base, rank=2, alpha=4, targets=cli.DEFAULT_TARGETS)
-    restored = restore_adapter(out / "adapter", template)
-    trained_b = [x.b for x in jax.tree.leaves(restored, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
-                 if isinstance(x, lj.LoraWeight)]
+        base = lj.quantize(base, quant, targets=DEFAULT_TARGETS)
+    template = lj.lorafy(base, rank=2, alpha=4, targets=DEFAULT_TARGETS)
+    restored = lj.restore_adapter(out / "adapter", template)
+    is_lora = lambda x: isinstance(x, lj.LoraWeight)
+    trained_b = [x.b for x in jax.tree.leaves(restored, is_leaf=is_lora) if is_lora(x)]
     assert any(float(jnp.abs(b).max()) > 0 for b in trained_b)
 
 
 def test_shared_prefix_forward_matches_full_forward(setup):
     """The shared-prefix KV trick gives the same logits as running each whole row."""
-    import lora_jax as lj
-    from lora_jax.models.loading import from_pretrained, load_tokenizer
-
     model_dir, data, _ = setup
     model, params = from_pretrained(model_dir)
     tok = load_tokenizer(model_dir)
@@ -133,13 +126,36 @@ def test_shared_prefix_forward_matches_full_forward(setup):
     p = D.common_prefix_len(p for p, _ in items)
     assert p > 0
     enc = D.encode_rows(items, 40, prefix_len=p, pad_id=2)
-    pos, _ = cli._answer_positions(enc.loss_mask)
+    pos, _ = answer_positions(enc.loss_mask)
     full = np.concatenate([np.repeat(enc.prefix[None], 3, 0), enc.ids], 1)
     ref = np.take_along_axis(np.asarray(model.apply({"params": params}, full)),
                              (pos + p)[:, :, None], axis=1)
-    lp = lj.lorafy(params, rank=2, targets=cli.DEFAULT_TARGETS)
-    got = jax.jit(lj.lora(cli.make_logits_at(model, enc.prefix)))(lp, enc.ids, pos)
+    lp = lj.lorafy(params, rank=2, targets=DEFAULT_TARGETS)
+    got = jax.jit(lj.lora(make_logits_at(model, enc.prefix)))(lp, enc.ids, pos)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_full_finetune_needs_an_unquantized_base(setup):
+    model_dir, data, tmp = setup
+    with pytest.raises(ValueError, match="needs --quant none"):
+        cli.main(["finetune", "--model", str(model_dir), "--data", str(data), "--rank", "0",
+                  "--seq-len", "40", "--eval-size", "8", "--out", str(tmp / "r0"),
+                  "--no-progress"])
+
+
+def test_encode_rows_masks_answer_predictions_and_cuts_long_prompts_in_the_middle():
+    items = [([1, 2, 3, 4], [7, 8]), ([1, 2, 5, 6, 9, 10, 11, 12, 13], [7])]
+    enc = D.encode_rows(items, 9, prefix_len=2, pad_id=0)
+    assert enc.prefix.tolist() == [1, 2]
+    # the logits at t predict token t+1: positions 1 and 2 predict the answer 7, 8
+    assert enc.ids[0].tolist() == [3, 4, 7, 8, 0, 0, 0]
+    assert enc.loss_mask[0].tolist() == [0, 1, 1, 0, 0, 0, 0]
+    # 7 prompt tokens + 1 answer in 7 slots: token 10 (the middle) goes, head and tail stay
+    assert enc.ids[1].tolist() == [5, 6, 9, 11, 12, 13, 7]
+    assert enc.loss_mask[1].tolist() == [0, 0, 0, 0, 0, 1, 0]
+    assert enc.truncated == 1
+    with pytest.raises(ValueError, match="raise --seq-len"):
+        D.encode_rows([([1, 2, 3], [4, 5, 6, 7, 8, 9])], 9, prefix_len=2)
 
 
 def test_split_is_seeded_balanced_and_disjoint():

@@ -4,13 +4,26 @@ generation and the embedded SmolLM2-135M-Instruct model."""
 import json
 import math
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.models import llama, loading
-from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, generate, init_cache
+from helpers import SMALL_LLAMA, random_hf_llama
+from lora_jax.models import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    format_chatml,
+    from_pretrained,
+    generate,
+    hf_state_dict_to_params,
+    init_cache,
+    llama_config,
+    load_tokenizer,
+    rope_inv_freq,
+)
+from lora_jax.models.gguf import unpermute_rope
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -19,36 +32,16 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-# Small odd sizes; head_dim must be even for RoPE (and 5 * 6 != 35 on purpose).
-SMALL = dict(
-    vocab_size=97,
-    hidden_size=35,
-    intermediate_size=33,
-    num_hidden_layers=3,
-    num_attention_heads=5,
-    head_dim=6,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-    rope_theta=500.0,
-)
 
 
 def _hf_model(torch, transformers, *, kv_heads, tie, rope_scaling=None, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        **SMALL, num_key_value_heads=kv_heads,
-        tie_word_embeddings=tie,
-        rope_scaling=None if rope_scaling is None else dict(rope_scaling),  # HF mutates it
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # larger than the 0.02 init so that errors show
-            p.normal_(0.0, 0.3)
-    return model
+    return random_hf_llama(torch, transformers, seed=seed, num_hidden_layers=3,
+                           max_position_embeddings=128, num_key_value_heads=kv_heads,
+                           tie_word_embeddings=tie, rope_scaling=rope_scaling)
 
 
 def _ids(batch=2, length=37, seed=0):
-    return np.random.RandomState(seed).randint(0, SMALL["vocab_size"], (batch, length))
+    return np.random.RandomState(seed).randint(0, SMALL_LLAMA["vocab_size"], (batch, length))
 
 
 def _hf_logits(torch, model, ids):
@@ -84,7 +77,7 @@ def test_hf_parity(torch_tf, tmp_path, kv_heads, tie, rope_scaling, shard):
     ids = _ids(length=40)  # positions beyond original_max_position_embeddings=16
     ref = _hf_logits(torch, hf, ids)
 
-    model, params = llama.from_pretrained(tmp_path)
+    model, params = from_pretrained(tmp_path)
     cfg = model.config
     assert cfg.num_key_value_heads == kv_heads and cfg.head_dim == 6
     assert cfg.tie_word_embeddings == tie
@@ -112,22 +105,28 @@ def test_llama3_inv_freq_matches_transformers(torch_tf):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf_cfg = transformers.LlamaConfig(
-        **SMALL, num_key_value_heads=1, rope_scaling=dict(LLAMA3_ROPE)
+        **SMALL_LLAMA, num_key_value_heads=1, rope_scaling=dict(LLAMA3_ROPE)
     )
     ref, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
     assert attention_factor == 1.0
-    ours = llama.rope_inv_freq(LlamaConfig.from_hf(hf_cfg.to_dict()))
+    ours = rope_inv_freq(LlamaConfig.from_hf(hf_cfg.to_dict()))
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
     # The scaling actually changes something at these sizes (low and high bands).
-    plain = llama.rope_inv_freq(LlamaConfig(**{**SMALL, "num_key_value_heads": 1}))
+    plain = rope_inv_freq(LlamaConfig(**{**SMALL_LLAMA, "num_key_value_heads": 1}))
     assert not np.allclose(ours, plain)
+
+
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (HF -> GGUF, convert_hf_to_gguf.py ``permute``)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _write_gguf(path, hf, *, rope_scaling=None):
     """Writes the HF model to an F32 GGUF the way llama.cpp's converter does."""
-    gguf = pytest.importorskip("gguf")
-    from lora_jax.models.loading import permute_rope
-
     c = hf.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(c.num_hidden_layers)
@@ -140,7 +139,7 @@ def _write_gguf(path, hf, *, rope_scaling=None):
     w.add_value_length(c.head_dim)
     w.add_rope_dimension_count(c.head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(SMALL["rope_theta"])
+    w.add_rope_freq_base(SMALL_LLAMA["rope_theta"])
     w.add_vocab_size(c.vocab_size)
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
     names = {
@@ -160,8 +159,8 @@ def _write_gguf(path, hf, *, rope_scaling=None):
         w.add_tensor("output.weight", sd["lm_head.weight"])
     if rope_scaling is not None:  # llama.cpp stores llama3 scaling as per-frequency factors
         hd = c.head_dim
-        freqs = 1.0 / (SMALL["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
-        f, lo, hi = rope_scaling["factor"], rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+        freqs = 1.0 / (SMALL_LLAMA["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+        f, lo, hi = (rope_scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
         old = rope_scaling["original_max_position_embeddings"]
         factors = []
         for freq in freqs:
@@ -195,12 +194,13 @@ def _write_gguf(path, hf, *, rope_scaling=None):
 )
 def test_gguf_parity(torch_tf, tmp_path, kv_heads, tie, rope_scaling):
     torch, transformers = torch_tf
-    hf = _hf_model(torch, transformers, kv_heads=kv_heads, tie=tie, rope_scaling=rope_scaling, seed=1)
+    hf = _hf_model(torch, transformers, kv_heads=kv_heads, tie=tie, rope_scaling=rope_scaling,
+                   seed=1)
     path = tmp_path / "tiny.gguf"
     _write_gguf(path, hf, rope_scaling=rope_scaling)
     ids = _ids(length=40, seed=1)
     ref = _hf_logits(torch, hf, ids)
-    model, params = loading.from_pretrained(path)
+    model, params = from_pretrained(path)
     assert model.config.tie_word_embeddings == tie
     assert model.config.num_key_value_heads == kv_heads
     assert (model.config.rope_freq_factors is not None) == (rope_scaling is not None)
@@ -210,9 +210,11 @@ def test_gguf_parity(torch_tf, tmp_path, kv_heads, tie, rope_scaling):
 
 def test_rope_permutation_roundtrip():
     w = np.arange(4 * 6 * 5, dtype=np.float32).reshape(24, 5)
-    p = loading.permute_rope(w, 4)
+    p = permute_rope(w, 4)
     assert not np.array_equal(p, w)
-    np.testing.assert_array_equal(loading._unpermute_rope(p, 4), w)
+    np.testing.assert_array_equal(unpermute_rope(p, 4), w)
+    # one head of 8 rows: llama.cpp interleaves the halves (0..3 | 4..7) into RoPE pairs
+    np.testing.assert_array_equal(permute_rope(np.arange(8), 1), [0, 4, 1, 5, 2, 6, 3, 7])
 
 
 def test_config_from_hf_v4_and_v5_styles():
@@ -237,14 +239,22 @@ def test_config_from_hf_v4_and_v5_styles():
     assert LlamaConfig.from_hf(json.loads(json.dumps(a.to_hf()))) == a
 
 
+def test_llama_config_by_name():
+    cfg = llama_config("Llama-3-8B", remat=True)
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.num_groups) == (8, 4096 // 32, 32 // 8)
+    assert cfg.rope_theta == 500000.0 and cfg.remat
+    with pytest.raises(ValueError, match="Llama-2-7B"):   # the error lists the known names
+        llama_config("Llama-9")
+
+
 def test_loader_rejects_unknown_and_missing(tiny):
     model, params = tiny
     cfg = model.config
     sd = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"])}
     with pytest.raises(ValueError, match="missing"):
-        loading.hf_state_dict_to_params(sd, cfg)
-    with pytest.raises(ValueError, match="unexpected tensors"):
-        loading.hf_state_dict_to_params({**sd, "model.foo.weight": np.zeros(3)}, cfg)
+        hf_state_dict_to_params(sd, cfg)
+    with pytest.raises(ValueError, match=r"unexpected .*'model\.foo\.weight'"):
+        hf_state_dict_to_params({**sd, "model.foo.weight": np.zeros(3)}, cfg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,9 +262,49 @@ def test_loader_rejects_unknown_and_missing(tiny):
 # ---------------------------------------------------------------------------------------
 
 
+def test_sharded_bf16_checkpoint_dir(tiny, tmp_path):
+    """An HF dir in bf16 over two shards loads as the bf16-rounded tree (no torch)."""
+    import ml_dtypes
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    from lora_jax.interop import llama_to_hf
+
+    model, params = tiny
+    # save_file writes an array's buffer as if it were C-ordered: the transposes must be copied
+    sd = {k: np.ascontiguousarray(np.asarray(v).astype(ml_dtypes.bfloat16))
+          for k, v in llama_to_hf(flatten_dict(params, sep="/")).items()}
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(tmp_path / shard))
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_hf()))
+
+    loaded_model, loaded = from_pretrained(tmp_path)
+    assert loaded_model.config == model.config
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
+                           params)
+    assert jax.tree.structure(loaded) == jax.tree.structure(rounded)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(rounded)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    # layer 2's (out, in) torch weight is the transpose of our stacked kernel's [2]
+    np.testing.assert_array_equal(
+        np.asarray(loaded["layers"]["mlp"]["down_proj"]["kernel"][2]),
+        sd["model.layers.2.mlp.down_proj.weight"].astype(np.float32).T)
+
+    extra = {**weight_map, "model.extra.weight": next(iter(shards))}
+    index.write_text(json.dumps({"weight_map": extra}))
+    with pytest.raises(ValueError, match="model.extra.weight"):
+        from_pretrained(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = LlamaConfig(**{**SMALL, "num_key_value_heads": 1, "rope_scaling": LLAMA3_ROPE})
+    cfg = LlamaConfig(**{**SMALL_LLAMA, "num_key_value_heads": 1, "rope_scaling": LLAMA3_ROPE})
     model = LlamaForCausalLM(cfg)
     params = model.init_params(jax.random.key(1))
     params = jax.tree_util.tree_map(  # bigger weights => peaked, tie-free argmax
@@ -287,7 +337,7 @@ def test_param_tree_contract(tiny):
         "norm": {"scale": (35,)},
         "lm_head": {"kernel": (35, 97)},
     }
-    tied = LlamaForCausalLM(LlamaConfig(**{**SMALL, "tie_word_embeddings": True}))
+    tied = LlamaForCausalLM(LlamaConfig(**{**SMALL_LLAMA, "tie_word_embeddings": True}))
     assert "lm_head" not in tied.init_params(jax.random.key(0))
 
 
@@ -402,12 +452,12 @@ def test_generate_eos_and_sampling(tiny):
 
 def test_chatml_formatter():
     msgs = [{"role": "user", "content": "Hi"}]
-    assert loading.format_chatml(msgs) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert loading.format_chatml(msgs, add_generation_prompt=False, default_system="S") == (
+    assert format_chatml(msgs) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert format_chatml(msgs, add_generation_prompt=False, default_system="S") == (
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     )
     sys_first = [{"role": "system", "content": "X"}] + msgs
-    assert loading.format_chatml(sys_first, default_system="S").startswith(
+    assert format_chatml(sys_first, default_system="S").startswith(
         "<|im_start|>system\nX<|im_end|>\n"
     )
 
@@ -418,17 +468,15 @@ def test_chatml_formatter():
 
 
 def test_smollm2_answers_paris(tmp_path):
-    pytest.importorskip("gguf")
-    pytest.importorskip("tokenizers")
     from lora_jax.models import smollm2
 
     path = smollm2.default_model_path()
     assert path.stat().st_size == smollm2.GGUF_SIZE
-    model, params = loading.from_pretrained(path)
+    model, params = from_pretrained(path)
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads) == (30, 576, 9)
     assert cfg.num_key_value_heads == 3 and cfg.tie_word_embeddings
-    tok = loading.load_tokenizer(path)
+    tok = load_tokenizer(path)
     assert tok.token_to_id("<|im_start|>") == 1 and tok.eos_id == 2
     assert tok.decode(tok.encode("Hello, world! 123")) == "Hello, world! 123"
 
@@ -444,11 +492,10 @@ def test_smollm2_answers_paris(tmp_path):
     # The same tokenizer saved as tokenizer.json (+ tokenizer_config.json) reloads equal.
     tok.backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {"chat_template": tok.chat_template, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}
-        )
+        json.dumps({"chat_template": tok.chat_template, "eos_token": "<|im_end|>",
+                    "bos_token": "<|im_start|>"})
     )
-    tok2 = loading.load_tokenizer(tmp_path)
+    tok2 = load_tokenizer(tmp_path)
     assert (tok2.bos_id, tok2.eos_id) == (1, 2)
     assert tok2.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                     tokenize=True) == ids

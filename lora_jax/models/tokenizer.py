@@ -1,0 +1,210 @@
+"""Tokenizers: a thin wrapper over ``tokenizers``, built from ``tokenizer.json`` or GGUF metadata.
+
+:func:`load_tokenizer` takes an HF checkpoint directory (``tokenizer.json``,
+``tokenizer_config.json``) or a ``.gguf`` file (byte-level BPE vocabulary and merges in
+its metadata). :class:`Tokenizer` knows its BOS/EOS ids and formats chats with ChatML, the
+SmolLM2 template (:meth:`Tokenizer.apply_chat_template`).
+
+Example:
+    >>> format_chatml([{"role": "user", "content": "Hi"}])
+    '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models as tk_models
+
+from lora_jax.models.gguf import gguf_field, is_gguf, open_gguf
+
+__all__ = ["Tokenizer", "format_chatml", "load_tokenizer"]
+
+PathLike = str | os.PathLike
+
+_CHATML_SYSTEM_RE = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
+
+# The split of llama.cpp's "llama-bpe" pre-tokenizer (GPT-2's is ByteLevel's own regex).
+_LLAMA3_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def format_chatml(
+    messages: Iterable[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    default_system: str | None = None,
+) -> str:
+    """ChatML: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message.
+
+    ``default_system`` is prepended as a system message when the first message is
+    not a system message (SmolLM2's template does this).
+    """
+    messages = list(messages)
+    parts = []
+    if default_system is not None and (not messages or messages[0]["role"] != "system"):
+        parts.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
+    for m in messages:
+        parts.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+class Tokenizer:
+    """Thin wrapper over a ``tokenizers.Tokenizer`` plus special ids and chat template."""
+
+    def __init__(
+        self,
+        backend,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        chat_template: str | None = None,
+        add_bos: bool = False,
+    ):
+        self.backend = backend
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.chat_template = chat_template
+        self.add_bos = add_bos
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        add_bos = self.add_bos if add_bos is None else add_bos
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return list(ids)
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @property
+    def default_system_prompt(self) -> str | None:
+        """The system prompt a ChatML template inserts when none is given (if any)."""
+        t = self.chat_template
+        if not t or "messages[0]['role'] != 'system'" not in t:
+            return None
+        m = _CHATML_SYSTEM_RE.search(t)
+        return m.group(1) if m else None
+
+    def apply_chat_template(
+        self,
+        messages: Iterable[Mapping[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+    ):
+        """Formats ``messages`` with ChatML (the SmolLM2 template); optionally tokenizes."""
+        if self.chat_template and "<|im_start|>" not in self.chat_template:
+            raise NotImplementedError("only ChatML chat templates are supported")
+        text = format_chatml(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            default_system=self.default_system_prompt,
+        )
+        return self.encode(text) if tokenize else text
+
+
+def _pre_tokenizer(pre: str):
+    """The pre-tokenizer for llama.cpp's ``tokenizer.ggml.pre`` value."""
+    if pre == "smollm":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    if pre in ("llama-bpe", "llama3", "smaug-bpe"):
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_RE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # "default", "gpt-2"
+
+
+def _gguf_tokenizer(reader) -> Tokenizer:
+    model = gguf_field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise NotImplementedError(
+            f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')"
+        )
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    merges = gguf_field(reader, "tokenizer.ggml.merges") or []
+    types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tk = HFTokenizer(tk_models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tk.pre_tokenizer = _pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre", "default"))
+    tk.decoder = decoders.ByteLevel()
+    # CONTROL (3) -> special tokens matched atomically; USER_DEFINED (4) -> added tokens.
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == 3]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == 4]
+    if special:
+        tk.add_special_tokens(special)
+    if user:
+        tk.add_tokens(user)
+    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    return Tokenizer(
+        tk,
+        bos_id=None if bos is None else int(bos),
+        eos_id=None if eos is None else int(eos),
+        chat_template=gguf_field(reader, "tokenizer.chat_template"),
+        add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    )
+
+
+def _dir_tokenizer(path: Path) -> Tokenizer:
+    backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    cfg_path = path / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+
+    def tok_id(v):
+        if isinstance(v, dict):
+            v = v.get("content")
+        return None if v is None else backend.token_to_id(v)
+
+    bos_id, eos_id = tok_id(tcfg.get("bos_token")), tok_id(tcfg.get("eos_token"))
+    mcfg_path = path / "config.json"
+    if mcfg_path.exists():  # the model config's ids fill what tokenizer_config.json lacks
+        mcfg = json.loads(mcfg_path.read_text())
+        bos_id = bos_id if bos_id is not None else mcfg.get("bos_token_id")
+        if eos_id is None:
+            e = mcfg.get("eos_token_id")
+            eos_id = e[0] if isinstance(e, list) else e
+    template = tcfg.get("chat_template")
+    tpath = path / "chat_template.jinja"
+    if template is None and tpath.exists():
+        template = tpath.read_text()
+    return Tokenizer(
+        backend,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        chat_template=template if isinstance(template, str) else None,
+        add_bos=bool(tcfg.get("add_bos_token", False)),
+    )
+
+
+def load_tokenizer(path: PathLike) -> Tokenizer:
+    """Tokenizer from a checkpoint dir (``tokenizer.json``) or a ``.gguf`` file's metadata."""
+    path = Path(path)
+    if is_gguf(path):
+        return _gguf_tokenizer(open_gguf(path))
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path} has no tokenizer.json (and is not a .gguf file)")
+    return _dir_tokenizer(path)
