@@ -2,8 +2,8 @@
 
 import doctest
 import importlib
-import pkgutil
 import pathlib
+import pkgutil
 import re
 
 import jax

@@ -64,6 +64,19 @@ def plot_losses(losses, path, title):
     plt.close(fig)
 
 
+def portable_path(path) -> str | None:
+    """``path`` as a summary records it: relative to the working directory when inside
+    it, else with the home directory as ``~``, so no machine's layout is written down."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    for root, shown in ((Path.cwd().resolve(), None), (Path.home().resolve(), "~")):
+        if p.is_relative_to(root):
+            rel = p.relative_to(root).as_posix()
+            return rel if shown is None else f"{shown}/{rel}"
+    return str(path)
+
+
 def summarize(cfg, *, source: dict, task: dict, before: dict, after: dict, losses: list,
               sizes: dict, timing: dict, outputs: dict) -> dict[str, Any]:
     """``summary.json``: the run's settings, accuracy, losses, byte counts and timings.
@@ -76,7 +89,7 @@ def summarize(cfg, *, source: dict, task: dict, before: dict, after: dict, losse
     steady, seen = timing["steady"], timing["seen_tokens"]
     return {
         "config": dataclasses.asdict(cfg),
-        **source,
+        **{k: portable_path(v) if k == "model_path" else v for k, v in source.items()},
         **task,
         "scoring": after["scoring"],
         "accuracy_before": before["accuracy"],
@@ -106,7 +119,7 @@ def summarize(cfg, *, source: dict, task: dict, before: dict, after: dict, losse
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(),
-        "outputs": outputs,
+        "outputs": {k: portable_path(v) for k, v in outputs.items()},
     }
 
 

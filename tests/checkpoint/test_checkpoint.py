@@ -252,7 +252,7 @@ def test_killed_saves_never_leave_a_partial_checkpoint(tmp_path):
     rng = random.Random(20240611)
     d = tmp_path / "ck"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
     template = params_for(0)
     opt_template = {"count": np.zeros((), np.int32)}
     seen_tmp = 0

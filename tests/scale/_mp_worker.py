@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 STEPS = 5
 
@@ -40,7 +41,7 @@ def build():
 
 def main(pid: int, nproc: int, port: int, ckpt: str, out: str) -> None:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repo root
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

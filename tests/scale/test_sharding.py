@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _mp_worker import build
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
-from _mp_worker import build
 from lora_jax.quant import QuantizedWeight, quantize
 from lora_jax.scale import (
     cross_entropy_loss,

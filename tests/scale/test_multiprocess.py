@@ -17,9 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
-
 from _mp_worker import STEPS, build
+from jax.sharding import Mesh
 
 WORKER = Path(__file__).with_name("_mp_worker.py")
 

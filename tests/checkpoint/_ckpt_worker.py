@@ -8,12 +8,13 @@ in DIRECTORY, so repeated kills exercise saves over leftovers of interrupted one
 
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repo root
 
 import lora_jax as lj  # noqa: E402
 from lora_jax import checkpoint as ck  # noqa: E402
