@@ -174,3 +174,11 @@ def test_merge_and_count(key):
     np.testing.assert_allclose(lj.merge(lp)["a"]["kernel"], manual, rtol=1e-6, atol=1e-6)
     c = lj.count_params(lp)
     assert c["trainable"] == 3 * (5 * 2 + 2 * 7) and c["frozen"] == 3 * 5 * 7 + 7
+
+
+def test_merge_forms_every_node_quantized_ones_too(key):
+    params = {"a": {"kernel": jax.random.normal(key, (64, 33))}, "b": {"kernel": jnp.ones((5, 7))}}
+    mixed = lj.lorafy(lj.quantize(params, "nf4", targets="a/kernel"), rank=2, targets="b/kernel")
+    merged = lj.merge(mixed)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(merged))
+    np.testing.assert_array_equal(merged["a"]["kernel"], lj.dequantize(mixed)["a"]["kernel"])

@@ -309,3 +309,41 @@ def test_peft_mixed_batch_combination_and_export(hf_base, tmp_path):
     with torch.no_grad():
         ref2 = pm2(torch.tensor(x), adapter_names=[r or "__base__" for r in rows]).logits.numpy()
     close(ours, ref2, 1e-4)
+
+
+def test_qlora_base_with_some_leaves_lorafied_stacks_and_combines():
+    """An NF4 base where only one of two quantized kernels carries LoRA: the other
+    QuantizedWeight is frozen base, not an adapter, so stacking and combining work, and
+    the mixed batch equals each adapter alone."""
+    key = jax.random.key(4)
+    base = {"q": {"kernel": jax.random.normal(key, (35, 33))},
+            "v": {"kernel": jax.random.normal(jax.random.key(5), (33, 11))}}
+    qbase = lj.quantize(base, "nf4")
+
+    def fn(p, x):
+        return jnp.tanh(x @ p["q"]["kernel"]) @ p["v"]["kernel"]
+
+    ads = {n: randomize_b(lj.lorafy(qbase, rank=3, targets="q/kernel", key=jax.random.key(i)),
+                          jax.random.key(10 + i)) for i, n in enumerate(["a", "b"])}
+    mp = stack_adapters(ads)
+    assert lj.is_quantized(mp["v"]["kernel"]) and isinstance(mp["q"]["kernel"], MultiLoraWeight)
+    x = jax.random.normal(jax.random.key(6), (3, 35))
+    got = lj.lora(fn, strict=True)(with_adapter_ids(mp, ["b", None, "a"]), x)
+    for row, name in ((0, "b"), (2, "a")):
+        close(got[row], lj.lora(fn)(ads[name], x)[row], 1e-5)
+    close(got[1], fn(lj.merge(qbase), x)[1], 1e-5)
+    combined = add_weighted_adapter(ads, [1.0, 0.5], combination_type="cat")
+    expected = lj.merge(ads["a"])["q"]["kernel"] + 0.5 * (
+        lj.merge(ads["b"])["q"]["kernel"] - lj.merge(qbase)["q"]["kernel"])
+    close(lj.merge(combined)["q"]["kernel"], expected, 1e-5)
+
+
+def test_adapters_over_different_bases_are_refused():
+    """PiSSA rewrites w0: stacking it with a plain adapter would serve wrong base rows."""
+    base = {"d": {"kernel": jax.random.normal(jax.random.key(0), (7, 5))}}
+    plain = lj.lorafy(base, rank=2)
+    pissa = lj.pissa_init(lj.lorafy(base, rank=2))
+    with pytest.raises(ValueError, match=r"adapter 'p' has another base weight at 'd/kernel'"):
+        stack_adapters({"a": plain, "p": pissa})
+    with pytest.raises(ValueError, match="another base weight"):
+        add_weighted_adapter({"a": plain, "p": pissa}, [1.0, 1.0])
