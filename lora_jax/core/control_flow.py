@@ -19,6 +19,7 @@ from jax import lax
 
 from lora_jax.core import compat
 from lora_jax.core.implicit import ImplicitArray
+from lora_jax.core.interpreter import MaterializationError
 from lora_jax.core.registry import register
 
 _CARRY_WHY = ("is carried through a {what} whose body changes its structure, so the loop "
@@ -34,6 +35,8 @@ def _nodes_or_dense(run, ctx, what):
     branch outputs (a structure mismatch), ``run(keep_nodes=False)``."""
     try:
         return run(True)
+    except MaterializationError:
+        raise
     except TypeError as e:
         if not any(w in str(e) for w in ("carry", "branch", "body_fun", "structure")):
             raise
