@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lora_jax
+from helpers import SMALL_LLAMA
 from lora_jax.core import path_str
 from lora_jax.interop import from_peft, to_peft
 from lora_jax.models import loading
@@ -29,18 +30,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*is_gradient_checkpointing.*:FutureWarning"
 )
 
-SMALL = dict(
-    vocab_size=97,
-    hidden_size=35,
-    intermediate_size=33,
-    num_hidden_layers=3,
-    num_attention_heads=5,
-    num_key_value_heads=1,
-    head_dim=6,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-    rope_theta=500.0,
-)
+SMALL = dict(SMALL_LLAMA, num_key_value_heads=1)     # one KV head: GQA
 
 
 def _save_hf(path, *, tie, seed=0):

@@ -40,16 +40,7 @@ def _mesh(shape):
 
 
 def _train(lp, loss_fn, tx, batch, shape, steps=5):
-    mesh = _mesh(shape)
-    specs = lora_specs(lp, fsdp_specs(lp, mesh, min_size=256), mesh)
-    step = make_train_step(loss_fn, tx, mesh, specs)
-    tr, fr, opt = step.init(lp)
-    b = step.shard_batch(batch)
-    losses = []
-    for _ in range(steps):
-        tr, opt, loss = step(tr, fr, opt, b)
-        losses.append(float(loss))
-    return np.array(losses), tr, fr
+    return _train_on(lp, loss_fn, batch, _mesh(shape), steps=steps, tx=tx, min_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +245,10 @@ def mlp():
     return model, base, trees, batch, loss(lj.lora(model.apply)), loss(model.apply)
 
 
-def _train_on(tree, loss_fn, batch, mesh, trainable="lora", steps=4):
-    specs = lora_specs(tree, fsdp_specs(tree, mesh, min_size=64), mesh)
-    step = make_train_step(loss_fn, optax.adam(1e-2), mesh, specs, trainable=trainable)
+def _train_on(tree, loss_fn, batch, mesh, trainable="lora", steps=4, tx=None, min_size=64):
+    specs = lora_specs(tree, fsdp_specs(tree, mesh, min_size=min_size), mesh)
+    tx = optax.adam(1e-2) if tx is None else tx
+    step = make_train_step(loss_fn, tx, mesh, specs, trainable=trainable)
     tr, fr, opt = step.init(tree)
     b = step.shard_batch(batch)
     losses = []
