@@ -30,7 +30,7 @@ def _dense_outs(outs, ctx, what):
     return [ctx.form(o, _CARRY_WHY.format(what=what)) for o in outs]
 
 
-def _nodes_or_dense(run, ctx, what):
+def _nodes_or_dense(run):
     """``run(keep_nodes=True)``; if the construct rejects a node in its carry or
     branch outputs (a structure mismatch), ``run(keep_nodes=False)``."""
     try:
@@ -83,7 +83,7 @@ def _scan_rule(eqn, invals, ctx):
                              unroll=p.get("unroll", 1))
         return [*carry, *ys]
 
-    return _nodes_or_dense(run, ctx, "scan")
+    return _nodes_or_dense(run)
 
 
 def _cond_rule(eqn, invals, ctx):
@@ -99,7 +99,7 @@ def _cond_rule(eqn, invals, ctx):
         branches = [functools.partial(branch, br, keep) for br in eqn.params["branches"]]
         return lax.switch(index, branches, *ops)
 
-    return _nodes_or_dense(run, ctx, "cond/switch")
+    return _nodes_or_dense(run)
 
 
 def _while_rule(eqn, invals, ctx):
@@ -122,7 +122,7 @@ def _while_rule(eqn, invals, ctx):
         start = init if keep else _dense_outs(init, ctx, "while_loop")
         return lax.while_loop(cond_fun, body_fun, start)
 
-    return _nodes_or_dense(run, ctx, "while_loop")
+    return _nodes_or_dense(run)
 
 
 def _passthrough_rule(eqn, invals, ctx):

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from lora_jax.core import (
     ImplicitArray,
     compat,
+    dense,
     interpret,
     is_float_array,
     is_implicit,
@@ -98,8 +99,7 @@ _RECORD: list[_Record] = []
 
 
 def _bind_dense(eqn, invals):
-    outs = compat.bind(eqn, *[x.materialize() if is_implicit(x) else x for x in invals])
-    return outs
+    return compat.bind(eqn, *[dense(x) for x in invals])
 
 
 @register("dot_general", _Probe)

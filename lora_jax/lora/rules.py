@@ -152,12 +152,8 @@ def _transpose_rule(eqn, invals, ctx):
     old_out = list(w.out_axes)
     new_out_order = sorted(old_out, key=lambda j: new_pos[j])
     b = lax.transpose(w.b, (*range(s + 1), *(s + 1 + old_out.index(j) for j in new_out_order)))
-    return LoraWeight(_transpose_w0(w.w0, perm), w.a, b, alpha=w.alpha, rslora=w.rslora,
+    return LoraWeight(lax.transpose(dense(w.w0), perm), w.a, b, alpha=w.alpha, rslora=w.rslora,
                       in_axes=in_axes)
-
-
-def _transpose_w0(w0, perm):
-    return lax.transpose(dense(w0), perm) if is_implicit(w0) else lax.transpose(w0, perm)
 
 
 @register("reshape", LoraWeight)
