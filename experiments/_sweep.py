@@ -23,6 +23,7 @@ KEEP = ("accuracy_before", "accuracy_after", "predicted_after", "loss_first", "l
 def run(label: str, base: FinetuneConfig, **changes) -> dict:
     out = RUNS / label.replace(" ", "_").replace("=", "")
     cfg = dataclasses.replace(base, progress=False, save=False, plot=False, out=str(out),
+                              overwrite=True,
                               **changes)
     t0 = time.perf_counter()
     s = finetune(cfg, log=lambda *a: None)

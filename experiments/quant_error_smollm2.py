@@ -28,7 +28,7 @@ import numpy as np
 import lora_jax as lj
 from experiments import RESULTS
 from lora_jax.models import default_model_path, from_pretrained, load_tokenizer
-from lora_jax.recipes.finetune.data import load_rotten_tomatoes
+from lora_jax.recipes.finetune.sources import load_rotten_tomatoes
 
 TARGETS = r"layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel"
 CONFIGS = [

@@ -17,6 +17,7 @@ from lora_jax import cli
 from lora_jax.models import LlamaConfig, LlamaForCausalLM, from_pretrained, load_tokenizer
 from lora_jax.recipes.finetune import DEFAULT_TARGETS, answer_positions, make_logits_at
 from lora_jax.recipes.finetune import data as D
+from lora_jax.recipes.finetune import sources as S
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
           "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
@@ -122,8 +123,8 @@ def test_shared_prefix_forward_matches_full_forward(setup):
     model_dir, data, _ = setup
     model, params = from_pretrained(model_dir)
     tok = load_tokenizer(model_dir)
-    items = D.tokenize_examples(tok, D.load_jsonl(data)[:3])
-    p = D.common_prefix_len(p for p, _ in items)
+    items = D.tokenize_examples(tok, S.load_jsonl(data)[:3])
+    p = D.common_prefix_len(D.prompt_ids(it) for it in items)
     assert p > 0
     enc = D.encode_rows(items, 40, prefix_len=p, pad_id=2)
     pos, _ = answer_positions(enc.loss_mask)
@@ -135,16 +136,19 @@ def test_shared_prefix_forward_matches_full_forward(setup):
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_full_finetune_needs_an_unquantized_base(setup):
+def test_full_finetune_needs_an_unquantized_base(setup, capsys):
     model_dir, data, tmp = setup
-    with pytest.raises(ValueError, match="needs --quant none"):
-        cli.main(["finetune", "--model", str(model_dir), "--data", str(data), "--rank", "0",
-                  "--seq-len", "40", "--eval-size", "8", "--out", str(tmp / "r0"),
-                  "--no-progress"])
+    assert cli.main(["finetune", "--model", str(model_dir), "--data", str(data), "--rank", "0",
+                     "--seq-len", "40", "--eval-size", "8", "--out", str(tmp / "r0"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-jax finetune: error: --rank 0") and "needs --quant none" in err
+    assert "Traceback" not in err and not (tmp / "r0").exists()
 
 
 def test_encode_rows_masks_answer_predictions_and_cuts_long_prompts_in_the_middle():
     items = [([1, 2, 3, 4], [7, 8]), ([1, 2, 5, 6, 9, 10, 11, 12, 13], [7])]
+    items = [(p + a, [0] * len(p) + [1] * len(a)) for p, a in items]
     enc = D.encode_rows(items, 9, prefix_len=2, pad_id=0)
     assert enc.prefix.tolist() == [1, 2]
     # the logits at t predict token t+1: positions 1 and 2 predict the answer 7, 8
@@ -155,13 +159,14 @@ def test_encode_rows_masks_answer_predictions_and_cuts_long_prompts_in_the_middl
     assert enc.loss_mask[1].tolist() == [0, 0, 0, 0, 0, 1, 0]
     assert enc.truncated == 1
     with pytest.raises(ValueError, match="raise --seq-len"):
-        D.encode_rows([([1, 2, 3], [4, 5, 6, 7, 8, 9])], 9, prefix_len=2)
+        D.encode_rows([([1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 0, 0, 1, 1, 1, 1, 1, 1])], 9,
+                      prefix_len=2)
 
 
 def test_split_is_seeded_balanced_and_disjoint():
     ex = [{"prompt": f"p{i}", "completion": "a" if i % 3 else "b"} for i in range(60)]
-    tr, held = D.split_examples(ex, 10, seed=3)
-    tr2, held2 = D.split_examples(ex, 10, seed=3)
+    tr, held = S.split_examples(ex, 10, seed=3)
+    tr2, held2 = S.split_examples(ex, 10, seed=3)
     assert held == held2 and tr == tr2
     assert sorted(e["completion"] for e in held) == ["a"] * 5 + ["b"] * 5
     assert not {e["prompt"] for e in tr} & {e["prompt"] for e in held}

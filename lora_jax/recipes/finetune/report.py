@@ -78,12 +78,15 @@ def portable_path(path) -> str | None:
 
 
 def summarize(cfg, *, source: dict, task: dict, before: dict, after: dict, losses: list,
-              sizes: dict, timing: dict, outputs: dict) -> dict[str, Any]:
+              sizes: dict, timing: dict, outputs: dict, evals: list = (),
+              mesh: dict | None = None) -> dict[str, Any]:
     """``summary.json``: the run's settings, accuracy, losses, byte counts and timings.
 
     ``source``: base_model, model_path. ``task``: data, unique/train/held-out counts,
     truncated held-out rows, shared prefix. ``sizes``: parameter counts (``counts`` as
-    :func:`lora_jax.lora.count_params` gives them) and byte counts. ``timing``: seconds.
+    :func:`lora_jax.lora.count_params` gives them) and byte counts. ``timing``: seconds
+    (``steps_run``: the steps this process ran, fewer than ``cfg.steps`` after a resume).
+    ``evals``: ``[{"step", "accuracy", ...}]`` during training (``--eval-every``).
     """
     counts, n_base = sizes["counts"], sizes["n_base"]
     steady, seen = timing["steady"], timing["seen_tokens"]
@@ -112,9 +115,11 @@ def summarize(cfg, *, source: dict, task: dict, before: dict, after: dict, losse
         "base_stored_bytes": sizes["base_stored_bytes"],
         "train_seconds": timing["train_s"],
         "first_step_seconds_incl_compile": timing["first_s"],
-        "steady_seconds_per_step": steady / max(1, cfg.steps - 1),
+        "steady_seconds_per_step": steady / max(1, timing.get("steps_run", cfg.steps) - 1),
         "tokens_per_second": seen / steady if steady and seen else None,
         "eval_seconds": timing["eval_s"],
+        "evals": [{k: v for k, v in e.items() if k in ("step", "accuracy")} for e in evals],
+        "mesh": mesh,
         "wall_seconds": timing["wall_s"],
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),

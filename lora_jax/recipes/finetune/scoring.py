@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models import init_cache
-from lora_jax.recipes.finetune.data import answer_token_ids, encode_examples
+from lora_jax.recipes.finetune.data import answer_token_ids, encode_examples, with_answer
 
 __all__ = ["answer_positions", "make_logits_at", "Scorer"]
 
@@ -91,7 +91,9 @@ class Scorer:
     highest wins. Rows are shared: one row per multi-token candidate (a single-token
     candidate is read off the prompt's last position of any row), so the binary
     fresh/rotten task costs one forward per example.
-    Otherwise: greedy exact match under teacher forcing (every answer token is the argmax).
+    Otherwise (open-ended answers): greedy exact match under teacher forcing (every answer
+    token is the argmax) and the held-out loss (mean negative log-likelihood per answer
+    token, end-of-turn included).
 
     ``logits_fn(params, ids, pos)`` returns log-softmaxed logits at ``pos``.
     """
@@ -108,8 +110,7 @@ class Scorer:
             self.rows_for = [c for c in range(len(classes)) if len(self.cand[c]) > 1] or [0]
             self.labels = np.array([classes.index(e["completion"]) for e in examples])
             self.encs = [
-                encode_examples(tokenizer, [{"prompt": e["prompt"], "completion": classes[c]}
-                                            for e in examples],
+                encode_examples(tokenizer, [with_answer(e, classes[c]) for e in examples],
                                 seq_len, prefix_len=prefix_len, add_end=False)
                 for c in self.rows_for]
         else:
@@ -138,7 +139,9 @@ class Scorer:
         lp = self._logp(params, 0)
         tgt = np.take_along_axis(enc.ids, pos + 1, axis=1)
         ok = (lp.argmax(-1) == tgt) | (valid == 0)
+        nll = -np.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
         return {"accuracy": float(ok.all(1).mean()),
+                "loss": float((nll * valid).sum() / max(valid.sum(), 1)),
                 "scoring": "greedy exact match (teacher-forced argmax)"}
 
     def __call__(self, params) -> dict:

@@ -2,17 +2,18 @@
 
 :func:`finetune` runs one :class:`~lora_jax.recipes.finetune.config.FinetuneConfig` and
 returns the summary it writes to ``out/summary.json`` (see
-:mod:`lora_jax.recipes.finetune.report`). The loss covers the answer tokens only; the
-train rows share a chat-template prefix that runs once per batch
-(:func:`~lora_jax.recipes.finetune.scoring.make_logits_at`).
+:mod:`lora_jax.recipes.finetune.report`). It trains with :func:`lora_jax.make_train_step`
+on a mesh over every device (``--mesh``), so the same call uses one CPU or a GPU/TPU
+host. The loss covers the answer tokens only; the train rows share a chat-template
+prefix that runs once per batch (:func:`~lora_jax.recipes.finetune.scoring.make_logits_at`).
+Checkpoints, resume and signals: :mod:`~lora_jax.recipes.finetune.loop`,
+:mod:`~lora_jax.recipes.finetune.outputs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
-import sys
+import math
 import time
 from pathlib import Path
 
@@ -20,19 +21,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from lora_jax.checkpoint import save_adapter
-from lora_jax.interop import to_peft
-from lora_jax.lora import combine, count_params, lora, lorafy, split
-from lora_jax.models import default_model_path, from_pretrained, load_tokenizer
-from lora_jax.quant import quantize
-from lora_jax.recipes.finetune.config import SMOLLM2_HF_NAME, FinetuneConfig
+from lora_jax.checkpoint import restore_adapter
+from lora_jax.lora import combine, count_params, lora, split
+from lora_jax.recipes.finetune.config import (
+    RUN_FILE,
+    FinetuneConfig,
+    check_config,
+    parse_mesh,
+    read_run_config,
+    write_run_config,
+)
 from lora_jax.recipes.finetune.data import (
     Encoded,
     common_prefix_len,
     encode_rows,
-    load_examples,
+    prompt_ids,
     tokenize_examples,
+)
+from lora_jax.recipes.finetune.loop import DataOrder, Progress, run_steps
+from lora_jax.recipes.finetune.outputs import (
+    check_out,
+    clear_outputs,
+    latest_checkpoint,
+    save_checkpoint,
+    save_final,
+    write_json,
 )
 from lora_jax.recipes.finetune.report import (
     dir_bytes,
@@ -43,10 +58,11 @@ from lora_jax.recipes.finetune.report import (
     tree_bytes,
 )
 from lora_jax.recipes.finetune.scoring import Scorer, answer_positions, make_logits_at
+from lora_jax.recipes.finetune.setup import adapt, load_base
+from lora_jax.recipes.finetune.sources import load_examples
+from lora_jax.scale import fsdp_specs, lora_specs, make_train_step
 
-__all__ = ["QUANT_KINDS", "TrainRows", "finetune"]
-
-QUANT_KINDS = ("none", "nf4", "int4", "fp4")
+__all__ = ["TrainRows", "finetune", "make_mesh"]
 
 
 @dataclasses.dataclass
@@ -69,31 +85,21 @@ class TrainRows:
         return (f"(seq_len {seq_len} = shared prefix {p} + {seq_len - p}; "
                 f"{self.enc.truncated} train prompts truncated)")
 
+    def batch(self, idx) -> dict:
+        return {"ids": self.enc.ids[idx], "pos": self.pos[idx], "tgt": self.tgt[idx],
+                "valid": self.valid[idx]}
+
 
 def _encode_train(cfg: FinetuneConfig, tok, train, held) -> TrainRows:
     items = tokenize_examples(tok, train)
     pad_id = tok.eos_id if tok.eos_id is not None else 0
-    prefix_len = common_prefix_len([p for p, _ in items] +
-                                   [p for p, _ in tokenize_examples(tok, held)])
+    prefix_len = common_prefix_len(prompt_ids(it) for it in items + tokenize_examples(tok, held))
     if cfg.seq_len - prefix_len < 8:
         prefix_len = max(0, cfg.seq_len - 8)
     enc = encode_rows(items, cfg.seq_len, prefix_len=prefix_len, pad_id=pad_id)
     pos, valid = answer_positions(enc.loss_mask)
     tgt = np.take_along_axis(enc.ids, np.minimum(pos + 1, enc.ids.shape[1] - 1), axis=1)
     return TrainRows(enc, pos, valid, tgt, prefix_len)
-
-
-def _adapt(cfg: FinetuneConfig, base):
-    """The tree that trains: ``base`` itself (rank 0), else LoRA on the (quantized) base."""
-    if cfg.rank == 0:
-        if cfg.quant != "none":
-            raise ValueError("full fine-tuning (rank 0) needs --quant none")
-        return base
-    params = base
-    if cfg.quant != "none":
-        params = jax.jit(lambda p: quantize(p, cfg.quant, targets=cfg.targets))(params)
-    return lorafy(params, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
-                  key=jax.random.key(cfg.seed))
 
 
 def _optimizer(cfg: FinetuneConfig):
@@ -103,94 +109,6 @@ def _optimizer(cfg: FinetuneConfig):
                                                end_value=cfg.lr * 0.05)
     return optax.chain(optax.clip_by_global_norm(1.0),
                        optax.adamw(sched, weight_decay=cfg.weight_decay))
-
-
-def _make_step(f, tx, full: bool):
-    """The jitted step ``(trainable, frozen, opt_state, ids, pos, tgt, valid) -> (.., loss)``."""
-    def loss_fn(tr, fr, ids, pos, tgt, valid):
-        p = tr if full else combine(tr, fr)
-        nll = optax.softmax_cross_entropy_with_integer_labels(f(p, ids, pos), tgt)
-        return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-
-    @jax.jit
-    def step(tr, fr, opt_state, ids, pos, tgt, valid):
-        loss, g = jax.value_and_grad(loss_fn)(tr, fr, ids, pos, tgt, valid)
-        with jax.numpy_dtype_promotion("standard"):   # optax mixes python floats into updates
-            updates, opt_state = tx.update(g, opt_state, tr)
-            tr = optax.apply_updates(tr, updates)
-        return tr, opt_state, loss
-
-    return step
-
-
-def _epoch_order(rng, train, batch):
-    """A shuffled epoch, interleaved by class when the task is a classification
-    (balanced batches)."""
-    classes = sorted({e["completion"] for e in train})
-    if not (2 <= len(classes) <= 16):
-        return rng.permutation(len(train))
-    by = [rng.permutation([i for i, e in enumerate(train) if e["completion"] == c])
-          for c in classes]
-    n = min(len(b) for b in by)
-    return np.stack([b[:n] for b in by], 1).reshape(-1)   # c0, c1, c0, c1, ...
-
-
-def _progress_bar(cfg: FinetuneConfig):
-    try:
-        from tqdm.auto import tqdm  # an optional extra
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=cfg.steps, desc="finetune", disable=not cfg.progress, dynamic_ncols=True,
-                file=sys.stderr)
-
-
-def _train(cfg: FinetuneConfig, step, state, rows: TrainRows, train):
-    """``cfg.steps`` steps over class-balanced epochs; returns (state, losses, timing)."""
-    trainable, frozen, opt_state = state
-    rng = np.random.default_rng(cfg.seed)
-    order = _epoch_order(rng, train, cfg.batch)
-    n_real = rows.real_tokens
-    losses, seen_tokens, t_first = [], 0, None
-    bar = _progress_bar(cfg)
-    t_train = time.perf_counter()
-    for _ in range(cfg.steps):
-        if len(order) < cfg.batch:
-            order = np.concatenate([order, _epoch_order(rng, train, cfg.batch)])
-        idx, order = order[: cfg.batch], order[cfg.batch:]
-        trainable, opt_state, loss = step(trainable, frozen, opt_state, rows.enc.ids[idx],
-                                          rows.pos[idx], rows.tgt[idx], rows.valid[idx])
-        loss = float(loss)
-        if t_first is None:
-            t_first = time.perf_counter() - t_train   # includes compilation
-            t_after_first = time.perf_counter()
-        else:
-            seen_tokens += int(n_real[idx].sum())
-        losses.append(loss)
-        if bar is not None:
-            el = time.perf_counter() - t_after_first
-            tps = seen_tokens / el if el > 0 and seen_tokens else float("nan")
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    timing = {"train_s": time.perf_counter() - t_train, "first_s": t_first,
-              "seen_tokens": seen_tokens,
-              "steady": (time.perf_counter() - t_after_first) if cfg.steps > 1 else float("nan")}
-    return (trainable, frozen, opt_state), losses, timing
-
-
-def _save(cfg: FinetuneConfig, out: Path, params, base_name: str, data_name: str):
-    """The orbax adapter and the PEFT export; returns their bytes on disk (None: not saved)."""
-    if not cfg.save or cfg.rank == 0:
-        return None, None
-    adapter_dir = out / "adapter"
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    save_adapter(adapter_dir, params, step=cfg.steps,
-                 metadata={"base_model": base_name, "task": data_name, "rank": cfg.rank,
-                           "alpha": cfg.alpha, "quant": cfg.quant, "seed": cfg.seed})
-    to_peft(params, out / "peft", base_model_name_or_path=base_name)
-    return dir_bytes(adapter_dir), dir_bytes(out / "peft")
 
 
 def _plot(cfg: FinetuneConfig, log, losses, png: Path, base_name, before, after):
@@ -208,20 +126,10 @@ def _plot(cfg: FinetuneConfig, log, losses, png: Path, base_name, before, after)
     return cfg
 
 
-def _load(cfg: FinetuneConfig):
-    """``(model, base params, tokenizer, model path, base model name)``."""
-    if cfg.model is None:
-        model_path, base_name = default_model_path(), SMOLLM2_HF_NAME
-    else:
-        model_path, base_name = Path(cfg.model), str(cfg.model)
-    model, base = from_pretrained(model_path, dtype=jnp.float32, remat=cfg.remat)
-    return model, base, load_tokenizer(model_path), model_path, base_name
-
-
 def _evaluate(scorer, params, log, label: str, *, skip: bool = False):
     """``(scores, seconds)``; logs the accuracy."""
     t0 = time.perf_counter()
-    if skip:
+    if skip or scorer is None:
         return {"accuracy": None, "scoring": "not measured"}, time.perf_counter() - t0
     res = scorer(params)
     dt = time.perf_counter() - t0
@@ -239,51 +147,161 @@ def _sizes(params, frozen, opt_state, n_base: int, full: bool) -> dict:
             "base_stored_bytes": 4 * n_base if full else tree_bytes(frozen)}
 
 
-def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
-    """Run the whole job; returns the summary dict (also written to ``out/summary.json``)."""
-    t_start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.quant not in QUANT_KINDS:
-        raise ValueError(f"--quant must be none, nf4, int4 or fp4; got {cfg.quant!r}")
-    model, base, tok, model_path, base_name = _load(cfg)
-    n_base = sum(int(x.size) for x in jax.tree.leaves(base))
+def make_mesh(spec: str | None, batch: int) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh ``spec`` names (``"data=2,fsdp=4"``), on the first
+    devices; default: FSDP over a host's devices, data-parallel across hosts, using as
+    many devices as divide ``batch``."""
+    devices = jax.devices()
+    if spec is None:
+        n = math.gcd(len(devices), batch)
+        fsdp = math.gcd(n, jax.local_device_count())
+        sizes = {"data": n // fsdp, "fsdp": fsdp}
+    else:
+        sizes = parse_mesh(spec)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
+    n = math.prod(sizes.values())
+    if n > len(devices):
+        raise ValueError(f"--mesh {spec} needs {n} devices; {len(devices)} are available")
+    if batch % (sizes["data"] * sizes["fsdp"]):
+        raise ValueError(f"--batch {batch} does not split over the mesh's data x fsdp = "
+                         f"{sizes['data'] * sizes['fsdp']} devices; pass a multiple of it")
+    return Mesh(np.array(devices[:n]).reshape(tuple(sizes.values())), tuple(sizes))
+
+
+def _loss_fn(f):
+    def loss_fn(params, b):
+        nll = optax.softmax_cross_entropy_with_integer_labels(f(params, b["ids"], b["pos"]),
+                                                              b["tgt"])
+        return jnp.sum(nll * b["valid"]) / jnp.maximum(jnp.sum(b["valid"]), 1.0)
+    return loss_fn
+
+
+def _resume_check(cfg: FinetuneConfig, out: Path) -> None:
+    """Refuse to resume with settings that change the computation."""
+    rec = read_run_config(out)
+    same = ("model", "data", "rank", "alpha", "targets", "quant", "steps", "lr", "warmup",
+            "batch", "seq_len", "eval_size", "seed", "split_seed", "weight_decay")
+    diff = [f"{k}={getattr(cfg, k)!r} (the run has {getattr(rec, k)!r})" for k in same
+            if getattr(cfg, k) != getattr(rec, k)]
+    if diff:
+        raise ValueError(f"--resume: settings differ from the run in {out}: {', '.join(diff)}; "
+                         f"resume with the run's settings (see {out / RUN_FILE})")
+
+
+def _start(cfg, ts, params, out: Path, log):
+    """``(trainable, frozen, opt_state)`` on the mesh and the progress so far."""
+    trainable, frozen, opt_state = ts.init(params)
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is None:
+        if cfg.resume:
+            log(f"resume: no checkpoint in {out} yet; starting at step 0")
+        return (trainable, frozen, opt_state), Progress()
+    step, st = ckpt
+    if step >= cfg.steps:
+        raise ValueError(f"--resume: the run in {out} is complete ({step} of {cfg.steps} "
+                         f"steps); use `lora-jax eval` / `generate` on it, or --overwrite")
+    params, opt_state = restore_adapter(out / "adapter", combine(trainable, frozen),
+                                        opt_state=opt_state, step=step)
+    trainable, frozen = split(params)
+    log(f"resume: continuing from the checkpoint at step {step}")
+    return (trainable, frozen, opt_state), Progress(step, list(st["losses"]), list(st["evals"]))
+
+
+def _checkpointer(cfg, out: Path, full: bool):
+    def checkpoint(state, prog: Progress):
+        if full or not cfg.save:
+            return None
+        tr, fr, opt = state
+        save_checkpoint(out, combine(tr, fr), opt, step=prog.step,
+                        state=prog.state(cfg.batch, cfg.seed))
+        return prog.step
+    return checkpoint
+
+
+def _prepare(cfg: FinetuneConfig, log):
+    """Load the base and the data, adapt; ``(base, params, rows, train, held, names)``."""
+    base = load_base(cfg)
+    n_base = sum(int(x.size) for x in jax.tree.leaves(base.params))
     data_name, n_unique, train, held = load_examples(
         cfg.data, cfg.eval_size, seed=cfg.seed if cfg.split_seed is None else cfg.split_seed)
-    rows = _encode_train(cfg, tok, train, held)
+    rows = _encode_train(cfg, base.tokenizer, train, held)
     log(f"data: {data_name}: {n_unique} unique examples -> {len(train)} train / {len(held)} "
         f"held-out {rows.describe(cfg.seq_len)}")
+    params = adapt(cfg, base.params)
+    return base, n_base, params, rows, train, held, {"data": data_name, "unique": n_unique}
+
+
+def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
+    """Run the whole job; returns the summary dict (also written to ``out/summary.json``).
+
+    Raises ``ValueError`` for bad settings or data before anything is written,
+    :class:`~lora_jax.recipes.finetune.loop.Interrupted` after saving a checkpoint on
+    SIGINT / SIGTERM.
+    """
+    t_start = time.perf_counter()
+    check_config(cfg)
+    if cfg.rank == 0 and (cfg.resume or cfg.save_every):
+        raise ValueError("--resume and --save-every need LoRA (--rank >= 1): full "
+                         "fine-tuning saves the model at the end only")
+    out = check_out(cfg)
+    if cfg.resume:
+        _resume_check(cfg, out)
+    mesh = make_mesh(cfg.mesh, cfg.batch)
+    base, n_base, params, rows, train, held, names = _prepare(cfg, log)
+    if not cfg.resume:
+        clear_outputs(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(cfg, out)
     full = cfg.rank == 0
-    params = _adapt(cfg, base)
-    del base
-    f = make_logits_at(model, rows.enc.prefix)
+    f = make_logits_at(base.model, rows.enc.prefix)
     f = f if full else lora(f)
     eval_logp = jax.jit(lambda p, ids, pos: jax.nn.log_softmax(f(p, ids, pos), axis=-1))
-    scorer = Scorer(tok, held, cfg.seq_len, eval_logp, min(cfg.eval_batch, max(1, len(held))),
-                    prefix_len=rows.prefix_len)
+    scorer = Scorer(base.tokenizer, held, cfg.seq_len, eval_logp,
+                    min(cfg.eval_batch, max(1, len(held))), prefix_len=rows.prefix_len) \
+        if held else None
     tx = _optimizer(cfg)
-    trainable, frozen = (params, jax.tree.map(lambda _: None, params)) if full else split(params)
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = tx.init(trainable)
-    sizes = _sizes(params, frozen, opt_state, n_base, full)
-    before, t_eval0 = _evaluate(scorer, params, log, "before", skip=not cfg.eval_before)
-    (trainable, frozen, _), losses, timing = _train(
-        cfg, _make_step(f, tx, full), (trainable, frozen, opt_state), rows, train)
-    params = trainable if full else combine(trainable, frozen)
+    specs = fsdp_specs(params, mesh)
+    ts = make_train_step(_loss_fn(f), tx, mesh, specs if full else lora_specs(params, specs, mesh),
+                         trainable="all" if full else "lora")
+    state, prog = _start(cfg, ts, params, out, log)
+    sizes = _sizes(params, state[1], state[2], n_base, full)
+    del params
+    merged = (lambda s: s[0]) if full else (lambda s: combine(s[0], s[1]))
+    if prog.step == 0:
+        before, t_eval0 = _evaluate(scorer, merged(state), log, "before",
+                                    skip=not cfg.eval_before)
+        prog.evals = [{"step": 0, **before}]
+    else:   # resumed: the first run measured it
+        before, t_eval0 = prog.evals[0], 0.0
+    steps_run = cfg.steps - prog.step
+    order = DataOrder([e.get("completion") for e in train], cfg.batch, cfg.seed)
+    state, timing = run_steps(
+        cfg, ts, state, lambda k: ts.shard_batch(rows.batch(order(k))), prog,
+        tokens=lambda k: int(rows.real_tokens[order(k)].sum()),
+        evaluate=lambda s: scorer(merged(s)) if scorer else None,
+        checkpoint=_checkpointer(cfg, out, full), log=log)
+    params = merged(state)
     after, t_eval1 = _evaluate(scorer, params, log, "after")
-    sizes["ckpt_bytes"], sizes["peft_bytes"] = _save(cfg, out, params, base_name, data_name)
+    outputs = {}
+    if cfg.save:
+        _checkpointer(cfg, out, full)(state, prog)
+        outputs = save_final(cfg, out, params, base.name)
+    sizes["ckpt_bytes"] = dir_bytes(outputs["adapter"]) if "adapter" in outputs else None
+    sizes["peft_bytes"] = dir_bytes(outputs["peft"]) if "peft" in outputs else None
     png = out / "loss.png"
-    cfg = _plot(cfg, log, losses, png, base_name, before, after)
-    timing.update(eval_s=[t_eval0, t_eval1], wall_s=time.perf_counter() - t_start)
+    cfg = _plot(cfg, log, prog.losses, png, base.name, before, after)
+    timing.update(eval_s=[t_eval0, t_eval1], wall_s=time.perf_counter() - t_start,
+                  steps_run=steps_run)
     summary = summarize(
-        cfg, source={"base_model": base_name, "model_path": str(model_path)},
-        task={"data": data_name, "unique_examples": n_unique, "train_examples": len(train),
-              "heldout_examples": len(held), "heldout_truncated": scorer.truncated,
+        cfg, source={"base_model": base.name, "model_path": str(base.path)},
+        task={"data": names["data"], "unique_examples": names["unique"],
+              "train_examples": len(train), "heldout_examples": len(held),
+              "heldout_truncated": scorer.truncated if scorer else 0,
               "shared_prefix_tokens": int(rows.prefix_len)},
-        before=before, after=after, losses=losses, sizes=sizes, timing=timing,
-        outputs={"adapter": str(out / "adapter") if sizes["ckpt_bytes"] else None,
-                 "peft": str(out / "peft") if sizes["peft_bytes"] else None,
-                 "loss_png": str(png) if cfg.plot else None})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        before=before, after=after, losses=prog.losses, sizes=sizes, timing=timing,
+        outputs={**{k: str(v) for k, v in outputs.items()},
+                 "loss_png": str(png) if cfg.plot else None},
+        evals=prog.evals[1:], mesh=dict(mesh.shape))
+    write_json(out / "summary.json", summary)
     log(format_table(summary))
     return summary
