@@ -25,9 +25,9 @@ import jax
 from lora_jax.checkpoint.arrays import canonical
 from lora_jax.checkpoint.errors import CheckpointIntegrityError
 from lora_jax.checkpoint.fingerprint import FULL_HASH_MAX, N_SAMPLES
-from lora_jax.checkpoint.orbax_io import META, META_FILE, resolve_step, root_dir
+from lora_jax.checkpoint.orbax_io import META, META_FILE
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load_meta", "make_meta", "read_adapter_metadata"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "load_meta", "make_meta"]
 
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
@@ -62,6 +62,9 @@ def _parse(f: Path) -> dict:
         raw = f.read_bytes()
     except FileNotFoundError:
         raise CheckpointIntegrityError(f"checkpoint metadata file {f} is missing.") from None
+    except OSError as e:
+        raise CheckpointIntegrityError(
+            f"checkpoint metadata file {f} cannot be read ({e.strerror}).") from None
     try:
         meta = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -84,10 +87,3 @@ def load_meta(root: Path, step: int) -> dict:
         raise CheckpointIntegrityError(f"checkpoint metadata file {f} fails its sha256 check "
                                        "(corrupted or edited).")
     return meta
-
-
-def read_adapter_metadata(directory, step: int | None = None) -> dict:
-    """The JSON metadata of ``step`` (default: the latest complete one); ``["user"]`` is
-    what was passed as ``metadata=``."""
-    root = root_dir(directory)
-    return load_meta(root, resolve_step(root, step))

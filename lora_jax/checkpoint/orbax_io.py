@@ -8,8 +8,8 @@ array, so an error can name the files), three items per step::
     <root>/<step>/lora_meta/metadata the JSON metadata
 
 orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` when every
-item is written; steps beyond ``keep`` are renamed into ``<root>/.deleted`` (atomic)
-and only then deleted, so a killed process never leaves a half-deleted step.
+item is written. Which steps are complete, and pruning to ``keep``, is
+:mod:`lora_jax.checkpoint.steps`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-__all__ = ["ADAPTER", "META", "META_FILE", "OPT", "adapter_steps", "read_zarr",
-           "resolve_step", "restore_tree", "root_dir", "save_step"]
+__all__ = ["ADAPTER", "META", "META_FILE", "OPT", "TRASH", "read_zarr", "restore_tree",
+           "root_dir", "save_step"]
 
 ADAPTER, OPT, META = "adapter", "opt_state", "lora_meta"
 META_FILE = "metadata"  # orbax JsonCheckpointHandler's default file name
-_TRASH = ".deleted"
+TRASH = ".deleted"
 
 
 def _ocp():
@@ -85,16 +85,18 @@ def drop_orbax_unraisable():
 
 
 @contextlib.contextmanager
-def _manager(root: Path, *, keep: int | None = None, read_only: bool = False):
+def _manager(root: Path, *, read_only: bool = False):
+    # max_to_keep stays None: orbax would prune whatever it takes for a step (a bare
+    # directory named "7" included); lora_jax.checkpoint.steps prunes complete steps only.
     ocp = _ocp()
-    kw = {} if read_only else {"todelete_subdir": _TRASH, "cleanup_tmp_directories": True}
-    opts = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False, **kw)
-    handlers = {ADAPTER: ocp.PyTreeCheckpointHandler(use_ocdbt=False),
-                OPT: ocp.PyTreeCheckpointHandler(use_ocdbt=False),
-                META: ocp.JsonCheckpointHandler()}
-    with quiet_orbax():
+    kw = {} if read_only else {"todelete_subdir": TRASH, "cleanup_tmp_directories": True}
+    with quiet_orbax():      # the options and handlers log too (read_only: a WARNING)
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=False, **kw)
+        handlers = {ADAPTER: ocp.PyTreeCheckpointHandler(use_ocdbt=False),
+                    OPT: ocp.PyTreeCheckpointHandler(use_ocdbt=False),
+                    META: ocp.JsonCheckpointHandler()}
         mngr = ocp.CheckpointManager(root, options=opts, item_handlers=handlers)
         try:
             yield mngr
@@ -104,42 +106,22 @@ def _manager(root: Path, *, keep: int | None = None, read_only: bool = False):
 
 def root_dir(directory) -> Path:
     root = Path(os.fspath(directory)).absolute()
+    if root.is_file():
+        raise NotADirectoryError(f"{root} is a file, not an adapter checkpoint directory.")
     if not root.is_dir():
         raise FileNotFoundError(f"no adapter checkpoint directory at {root}.")
     return root
 
 
-def adapter_steps(directory) -> list[int]:
-    """The complete (committed) steps in ``directory``, ascending. Temporary directories
-    left by an interrupted save are not steps."""
-    with _manager(root_dir(directory), read_only=True) as mngr:
-        return sorted(int(s) for s in mngr.all_steps())
-
-
-def resolve_step(root: Path, step: int | None) -> int:
-    """``step`` if it is complete in ``root``, else FileNotFoundError; None: the latest."""
-    steps = adapter_steps(root)
-    if step is None:
-        if not steps:
-            partial = sorted(p.name for p in root.iterdir() if "tmp" in p.name)
-            hint = f" (only interrupted saves: {partial})" if partial else ""
-            raise FileNotFoundError(f"no complete adapter checkpoint in {root}{hint}.")
-        return steps[-1]
-    if int(step) not in steps:
-        raise FileNotFoundError(
-            f"step {step} is not a complete checkpoint in {root}; available steps: {steps}.")
-    return int(step)
-
-
-def save_step(root: Path, step: int, trees: dict, meta: dict, *, keep: int | None) -> Path:
+def save_step(root: Path, step: int, trees: dict, meta: dict) -> Path:
     """Commit ``{item: {key: array}}`` and the JSON ``meta`` as ``root/step``."""
     ocp = _ocp()
     items = {name: ocp.args.PyTreeSave(tree) for name, tree in trees.items()}
     items[META] = ocp.args.JsonSave(meta)
-    with _manager(root, keep=keep) as mngr:
+    with _manager(root) as mngr:
         mngr.save(step, args=ocp.args.Composite(**items), force=True)
         mngr.wait_until_finished()
-    shutil.rmtree(root / _TRASH, ignore_errors=True)
+    shutil.rmtree(root / TRASH, ignore_errors=True)
     return root / str(step)
 
 

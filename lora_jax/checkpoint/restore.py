@@ -30,10 +30,10 @@ from lora_jax.checkpoint.orbax_io import (
     OPT,
     drop_orbax_unraisable,
     read_zarr,
-    resolve_step,
     restore_tree,
     root_dir,
 )
+from lora_jax.checkpoint.steps import resolve_step
 from lora_jax.lora import combine, split
 
 __all__ = ["restore_adapter"]

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from lora_jax.checkpoint.arrays import array_table, flat
+from lora_jax.checkpoint.atomic import check_destination
 from lora_jax.checkpoint.config import lora_config, quant_config
 from lora_jax.checkpoint.fingerprint import base_fingerprint
 from lora_jax.checkpoint.meta import make_meta
 from lora_jax.checkpoint.orbax_io import ADAPTER, OPT, save_step
+from lora_jax.checkpoint.steps import check_root, prune, set_aside
 from lora_jax.lora import split
 
 __all__ = ["save_adapter"]
@@ -44,7 +45,8 @@ def _check_args(step, keep, metadata) -> tuple[int, dict]:
 
 
 def save_adapter(directory, params, *, step: int, opt_state=None,
-                 metadata: Mapping[str, Any] | None = None, keep: int | None = 3) -> str:
+                 metadata: Mapping[str, Any] | None = None, keep: int | None = 3,
+                 overwrite: bool = False) -> str:
     """Write the trainable leaves of ``params`` (and ``opt_state``) as checkpoint ``step``.
 
     Args:
@@ -53,19 +55,23 @@ def save_adapter(directory, params, *, step: int, opt_state=None,
       step: a non-negative int not already saved in ``directory``.
       opt_state: optional optimizer state; all its array leaves are saved.
       metadata: JSON-serializable user metadata, returned by ``read_adapter_metadata``.
-      keep: how many most recent steps to keep (``None``: all).
+      keep: how many most recent complete steps to keep (``None``: all). Only complete
+        steps this library wrote are ever deleted.
+      overwrite: replace an existing ``step`` (once the new one is committed), and save
+        into a directory that also holds other files (they are left untouched).
+        Without it both are refused (``FileExistsError``) before anything is written.
 
     Returns the path of the committed step directory. Synchronous: when it returns,
-    the checkpoint is on disk and complete.
+    the checkpoint is on disk and complete. A file at ``directory`` is refused
+    (``NotADirectoryError``).
     """
     step, user = _check_args(step, keep, metadata)
     lora = lora_config(params)
     if not lora:
         raise ValueError("save_adapter: params holds no adapter (LoraWeight, ...); "
                          "lorafy() it first.")
-    root = Path(os.fspath(directory)).absolute()
-    if (root / str(step)).exists():
-        raise FileExistsError(f"save_adapter: step {step} already exists in {root}.")
+    root = check_destination(directory, what="save_adapter", overwrite=True)
+    check_root(root, step, overwrite)
 
     trees, tables = {}, {}
     trees[ADAPTER], tables[ADAPTER] = array_table(flat(split(params)[0]))
@@ -74,4 +80,12 @@ def save_adapter(directory, params, *, step: int, opt_state=None,
         trees[OPT], tables[OPT] = array_table(flat(opt_state))
     meta = make_meta(step=step, lora=lora, quantization=quant_config(params),
                      base=base_fingerprint(params), arrays=tables, user=user)
-    return str(save_step(root, step, trees, meta, keep=keep))
+    old = set_aside(root, step) if root.is_dir() else None
+    try:
+        out = save_step(root, step, trees, meta)
+    except BaseException:
+        if old is not None and not (root / str(step)).exists():
+            os.replace(old, root / str(step))
+        raise
+    prune(root, keep)
+    return str(out)

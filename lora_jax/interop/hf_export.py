@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
-from lora_jax.checkpoint import node_config, replace_dir
+from lora_jax.checkpoint import check_destination, node_config, replace_dir, write_safetensors
 from lora_jax.core import ImplicitArray, is_implicit, path_str
 from lora_jax.interop.hf_names import is_llama_tree, llama_to_hf
 from lora_jax.lora import merge
@@ -114,14 +112,18 @@ def export_merged(params, out_dir, *, requantize: str | Callable | None = None,
       ``*.weight``/``*kernel`` tensor except embeddings. A quantized tensor is written
       as ``{name}.{field}`` per array field, its config (type, shape, dtype, static
       fields) in the safetensors metadata key ``lora_jax.quantized``.
-    * ``overwrite=False`` refuses a non-empty ``out_dir``; the directory is written
-      atomically (a temporary sibling renamed into place).
+    * ``overwrite=False`` refuses a non-empty ``out_dir`` (``FileExistsError``), a
+      previous export included; ``overwrite=True`` replaces the whole directory. A file
+      at ``out_dir`` is always refused (``NotADirectoryError``). Refusals happen before
+      anything is computed or written; the directory is written atomically (a temporary
+      sibling renamed into place), so a crash leaves the old one or the new one.
     """
+    out = check_destination(out_dir, what="export_merged", overwrite=overwrite,
+                            kind="merged export")   # before the merge: refusals cost nothing
     tensors, quant_info = _tensors(_named(_merged_flat(params), name_map), requantize)
-    st_meta = {"format": "pt"}
+    st_meta = {}
     if quant_info:
         st_meta["lora_jax.quantized"] = json.dumps(quant_info, sort_keys=True)
-    out = Path(out_dir).absolute()
-    replace_dir(out, lambda d: save_file(tensors, str(d / "model.safetensors"), metadata=st_meta),
-                overwrite=overwrite, what="export_merged")
+    replace_dir(out, lambda d: write_safetensors(d / "model.safetensors", tensors, st_meta),
+                overwrite=overwrite, what="export_merged", kind="merged export")
     return str(out / "model.safetensors")

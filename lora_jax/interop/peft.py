@@ -29,15 +29,18 @@ from typing import Mapping, NamedTuple
 import jax
 import numpy as np
 
+from lora_jax.checkpoint import replace_dir
 from lora_jax.core import path_str
 from lora_jax.interop.hf_names import LLAMA_MODULE_MAP
 from lora_jax.interop.peft_format import (
     alpha_for_scale,
     factor_keys,
     has_tied_embeddings,
+    is_adapter_dir,
     is_embedding,
     strip_params,
     write_adapter,
+    write_adapter_files,
 )
 from lora_jax.lora import LoraWeight, lora_scale
 from lora_jax.variants import adapter_names, unstack_adapter
@@ -148,35 +151,57 @@ def _config(modules: list[_Module], base_model_name_or_path: str | None) -> dict
     }
 
 
+def _adapter(params, base_model_name_or_path, module_map) -> tuple[dict, dict]:
+    """``(tensors, adapter_config)`` of one adapter."""
+    module_map = dict(LLAMA_MODULE_MAP if module_map is None else module_map)
+    tensors, modules = _tensors(_lora_leaves(params, module_map), module_map)
+    return tensors, _config(modules, base_model_name_or_path)
+
+
 def to_peft(params, out_dir: PathLike, *, base_model_name_or_path: str | None = None,
-            module_map: Mapping[str, str] | None = None) -> Path:
+            module_map: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write the LoRA factors of ``params`` as a PEFT LoRA adapter directory.
 
     Args:
       params: our param tree (or ``{"params": tree}``) with LoraWeight nodes (e.g. from
         :func:`lora_jax.lorafy` after training; the base weights are not written).
-      out_dir: adapter directory (written atomically: temp dir + rename; replaced if
-        it exists).
+      out_dir: adapter directory, written atomically (temp dir + rename). A previous
+        adapter directory there (only ``adapter_config.json``,
+        ``adapter_model.safetensors``, ``README.md``) is replaced; any other non-empty
+        directory is refused (``FileExistsError``) unless ``overwrite=True``, which
+        replaces the whole directory; a file there is always refused
+        (``NotADirectoryError``). Nothing is written when it is refused.
       base_model_name_or_path: recorded in ``adapter_config.json``.
       module_map: our leaf path -> HF module name; default ``LLAMA_MODULE_MAP``.
 
     Returns the adapter directory path.
     """
-    module_map = dict(LLAMA_MODULE_MAP if module_map is None else module_map)
-    tensors, modules = _tensors(_lora_leaves(params, module_map), module_map)
-    return write_adapter(Path(out_dir), tensors, _config(modules, base_model_name_or_path))
+    tensors, config = _adapter(params, base_model_name_or_path, module_map)
+    return write_adapter(Path(out_dir), tensors, config, overwrite=overwrite)
 
 
-def to_peft_adapters(params, out_dir: PathLike, **to_peft_kwargs) -> dict[str, Path]:
+def to_peft_adapters(params, out_dir: PathLike, *, base_model_name_or_path: str | None = None,
+                     module_map: Mapping[str, str] | None = None,
+                     overwrite: bool = False) -> dict[str, Path]:
     """Export every adapter of a stacked tree as PEFT's ``save_pretrained`` lays out
     several: ``out_dir/<name>/`` per adapter, except one named ``"default"`` which goes
     in ``out_dir`` itself. Returns ``{name: path}``; load with
     ``PeftModel.from_pretrained(model, out_dir/<first>, adapter_name=<first>)`` then
-    ``load_adapter(out_dir/<name>, adapter_name=<name>)``."""
-    root = Path(os.fspath(out_dir))
-    paths = {}
-    # "default" first: to_peft replaces its whole directory, which holds the others.
-    for n in sorted(adapter_names(params), key=lambda n: n != "default"):
-        paths[n] = to_peft(unstack_adapter(params, n), root if n == "default" else root / n,
-                           **to_peft_kwargs)
-    return paths
+    ``load_adapter(out_dir/<name>, adapter_name=<name>)``.
+
+    ``out_dir`` is written as one atomic directory, under the rules of :func:`to_peft`
+    (a previous export of adapters is replaced, other contents need ``overwrite=True``)."""
+    root = Path(os.fspath(out_dir)).absolute()
+    names = list(adapter_names(params))
+    files = {n: _adapter(unstack_adapter(params, n), base_model_name_or_path, module_map)
+             for n in names}
+
+    def write(d: Path):
+        for n, (tensors, config) in files.items():
+            sub = d if n == "default" else d / n
+            sub.mkdir(exist_ok=True)
+            write_adapter_files(sub, tensors, config)
+
+    replace_dir(root, write, overwrite=overwrite, what="to_peft_adapters",
+                ours=lambda d: is_adapter_dir(d, nested=True), kind="PEFT adapter directory")
+    return {n: root if n == "default" else root / n for n in names}

@@ -24,17 +24,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
-from lora_jax.checkpoint import replace_dir
+from lora_jax.checkpoint import read_json, read_safetensors, replace_dir, write_safetensors
 from lora_jax.lora import lora_scale
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "PREFIX", "PeftConfig", "alpha_for_scale", "factor_keys",
-           "has_tied_embeddings", "is_embedding", "parse_key", "read_adapter", "strip_params",
-           "write_adapter"]
+           "has_tied_embeddings", "is_adapter_dir", "is_embedding", "parse_key", "read_adapter",
+           "strip_params", "write_adapter", "write_adapter_files"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+#: what a PEFT adapter directory holds (PEFT's save_pretrained also writes a README.md)
+ADAPTER_DIR_FILES = frozenset({ADAPTER_FILE, CONFIG_FILE, "README.md"})
 PREFIX = "base_model.model."
 _KEY_RE = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
@@ -136,12 +137,52 @@ def _unsupported(cfg: dict) -> list[str]:
     return out
 
 
-def _config(cfg: dict) -> PeftConfig:
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: key: (check, what it must be) for the adapter_config.json keys we read
+_KEY_TYPES = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "r": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "lora_alpha": (_is_num, "a number"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and _is_int(x) and x > 0 for k, x in v.items()),
+        "an object of positive ints"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and _is_num(x) for k, x in v.items()), "an object of numbers"),
+    "target_modules": (lambda v: isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "a string or a list of strings"),
+    "layers_to_transform": (lambda v: (_is_int(v) and v >= 0) or (
+        isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)),
+        "a non-negative int or a list of them"),
+}
+
+
+def _check_types(cfg, where) -> dict:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} holds a JSON {type(cfg).__name__}, not an object.")
+    for key, (ok, want) in _KEY_TYPES.items():
+        v = cfg.get(key)
+        if v is not None and not ok(v):
+            raise ValueError(f"{where}: key {key!r} is {str(v)[:80]!r} "
+                             f"({type(v).__name__}); it must be {want}.")
+    return cfg
+
+
+def _config(cfg: dict, where: Path | str = CONFIG_FILE) -> PeftConfig:
+    cfg = _check_types(cfg, where)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"from_peft: peft_type {cfg.get('peft_type')!r} is not LORA")
+        raise ValueError(f"from_peft: peft_type {cfg.get('peft_type')!r} is not LORA ({where})")
     bad = _unsupported(cfg)
     if bad:
-        raise ValueError(f"from_peft: unsupported adapter options: {', '.join(bad)}")
+        raise ValueError(f"from_peft: unsupported adapter options: {', '.join(bad)} ({where})")
     layers = cfg.get("layers_to_transform")
     return PeftConfig(
         r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
@@ -152,21 +193,47 @@ def _config(cfg: dict) -> PeftConfig:
 
 
 def read_adapter(adapter_dir: Path) -> tuple[PeftConfig, dict[str, np.ndarray]]:
-    """The config and tensors of a PEFT adapter directory (safetensors only, never pickle)."""
-    cfg = _config(json.loads((adapter_dir / CONFIG_FILE).read_text()))
+    """The config and tensors of a PEFT adapter directory (safetensors only, never pickle).
+
+    Every file problem is a ``ValueError`` naming the file (and the key or tensor)."""
+    if adapter_dir.is_file():
+        raise NotADirectoryError(f"from_peft: {adapter_dir} is a file; pass the adapter "
+                                 f"directory (holding {CONFIG_FILE} and {ADAPTER_FILE}).")
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"from_peft: no {CONFIG_FILE} in {adapter_dir}")
+    cfg = _config(read_json(adapter_dir / CONFIG_FILE), adapter_dir / CONFIG_FILE)
     st = adapter_dir / ADAPTER_FILE
     if st.exists():
-        return cfg, load_file(str(st))
+        return cfg, read_safetensors(st)
     if (adapter_dir / "adapter_model.bin").exists():
         raise ValueError("from_peft: adapter_model.bin (pickle) is not supported; "
                          "save with safetensors")
     raise FileNotFoundError(f"no {ADAPTER_FILE} in {adapter_dir}")
 
 
-def write_adapter(out_dir: Path, tensors: Mapping[str, np.ndarray], config: dict) -> Path:
-    """Write (atomically, replacing ``out_dir``) an adapter directory."""
-    def write(d: Path):
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                  str(d / ADAPTER_FILE), metadata={"format": "pt"})
-        (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return replace_dir(out_dir, write, overwrite=True, what="to_peft")
+def is_adapter_dir(d: Path, nested: bool = False) -> bool:
+    """Whether ``d`` holds only what a PEFT adapter directory holds (``nested``: and
+    subdirectories that do, as ``save_pretrained`` lays out several adapters)."""
+    for p in d.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            if not (nested and is_adapter_dir(p)):
+                return False
+        elif p.name not in ADAPTER_DIR_FILES or not p.is_file():
+            return False
+    return True
+
+
+def write_adapter_files(d: Path, tensors: Mapping[str, np.ndarray], config: dict) -> None:
+    """The two files of an adapter, into an existing directory ``d``."""
+    write_safetensors(d / ADAPTER_FILE, tensors)
+    (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_adapter(out_dir: Path, tensors: Mapping[str, np.ndarray], config: dict, *,
+                  overwrite: bool = False) -> Path:
+    """Write an adapter directory atomically (temp dir, then rename). A previous adapter
+    directory there is replaced; any other non-empty directory only with ``overwrite``;
+    a file never."""
+    return replace_dir(out_dir, lambda d: write_adapter_files(d, tensors, config),
+                       overwrite=overwrite, ours=is_adapter_dir, what="to_peft",
+                       kind="PEFT adapter directory")

@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from lora_jax.models.configs import LlamaConfig
+from lora_jax.models.gguf_check import check_gguf
 
 __all__ = [
     "is_gguf",
@@ -76,13 +77,35 @@ def is_gguf(path: PathLike) -> bool:
 
 
 def open_gguf(path: PathLike) -> GGUFReader:
-    return GGUFReader(str(path))
+    """A ``GGUFReader`` of a file checked first (:func:`check_gguf`); any reader error
+    is a ``ValueError`` naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a GGUF file.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty, not a GGUF file.")
+    check_gguf(path)
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - the gguf package's error, with the file's name
+        raise ValueError(f"{path} is not a readable GGUF file: {type(e).__name__}: "
+                         f"{str(e)[:300]}") from None
+
+
+def _where(reader: GGUFReader) -> str:
+    return str(getattr(reader.data, "filename", None) or "the GGUF file")
 
 
 def gguf_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     """A metadata value (``default`` when the key is absent)."""
     f = reader.get_field(key)
-    return default if f is None else f.contents()
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:  # noqa: BLE001 - a malformed value, with the file and key
+        raise ValueError(f"{_where(reader)}: metadata key {key!r} cannot be read "
+                         f"({type(e).__name__}: {e}).") from None
 
 
 def _tensor(reader: GGUFReader, name: str):
@@ -123,11 +146,16 @@ def gguf_config(reader: GGUFReader, **overrides) -> LlamaConfig:
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r} (expected 'llama')")
 
-    def g(k, default=None):
-        return gguf_field(reader, f"{arch}.{k}", default)
+    def g(k, default=None, required=False):
+        v = gguf_field(reader, f"{arch}.{k}", default)
+        numeric = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+        if (v is None and required) or (v is not None and not numeric):
+            raise ValueError(f"{_where(reader)}: metadata key {arch}.{k} is "
+                             f"{'missing' if v is None else repr(v)[:80]}; it must be a number.")
+        return v
 
-    n_head = int(g("attention.head_count"))
-    hidden = int(g("embedding_length"))
+    n_head = int(g("attention.head_count", required=True))
+    hidden = int(g("embedding_length", required=True))
     head_dim = g("attention.key_length")
     if head_dim is None:
         head_dim = g("rope.dimension_count")
@@ -137,8 +165,8 @@ def gguf_config(reader: GGUFReader, **overrides) -> LlamaConfig:
     kwargs = dict(
         vocab_size=_vocab_size(reader, arch),
         hidden_size=hidden,
-        intermediate_size=int(g("feed_forward_length")),
-        num_hidden_layers=int(g("block_count")),
+        intermediate_size=int(g("feed_forward_length", required=True)),
+        num_hidden_layers=int(g("block_count", required=True)),
         num_attention_heads=n_head,
         num_key_value_heads=int(g("attention.head_count_kv", n_head)),
         head_dim=int(head_dim) if head_dim is not None else hidden // n_head,

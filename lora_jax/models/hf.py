@@ -10,7 +10,6 @@ checks against a config (every tensor present, every shape right).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Mapping
@@ -19,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
-from safetensors.numpy import load_file
 
+from lora_jax.checkpoint import read_json, read_safetensors
 from lora_jax.interop import llama_from_hf
 from lora_jax.models.configs import LlamaConfig
 from lora_jax.models.llama import LlamaForCausalLM
@@ -36,30 +35,90 @@ PathLike = str | os.PathLike
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_POS_INT = (lambda v: _is_int(v) and v > 0, "a positive int")
+_ID = (lambda v: _is_int(v) and v >= 0, "a non-negative int")
+_NUM = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+#: config.json keys LlamaConfig.from_hf reads, and what each must be
+_CONFIG_TYPES = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"), _POS_INT),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta"), _NUM),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias"), _BOOL),
+    **dict.fromkeys(("model_type", "hidden_act"), (lambda v: isinstance(v, str), "a string")),
+    **dict.fromkeys(("rope_scaling", "rope_parameters"),
+                    (lambda v: isinstance(v, dict), "an object")),
+    "bos_token_id": _ID,
+    "eos_token_id": (lambda v: _ID[0](v) or (isinstance(v, list) and all(map(_ID[0], v))),
+                     "an int or a list of ints"),
+}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+def _check_config(hf, where: Path) -> dict:
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where} holds a JSON {type(hf).__name__}, not an object.")
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ValueError(f"{where} lacks the key(s) {missing} of a Llama config.")
+    for key, (ok, want) in _CONFIG_TYPES.items():
+        v = hf.get(key)
+        if v is not None and not ok(v):
+            raise ValueError(f"{where}: key {key!r} is {str(v)[:80]!r} ({type(v).__name__}); "
+                             f"it must be {want}.")
+    return hf
+
+
 def load_hf_config(path: PathLike, **overrides) -> LlamaConfig:
-    """The :class:`LlamaConfig` of an HF checkpoint directory's ``config.json``."""
+    """The :class:`LlamaConfig` of an HF checkpoint directory's ``config.json``.
+
+    A file that is not JSON, lacks a key or has a key of the wrong type is a
+    ``ValueError`` naming the file and the key."""
     cfg = Path(path) / "config.json"
     if not cfg.exists():
         raise FileNotFoundError(f"{path} has no config.json (and is not a .gguf file)")
-    return LlamaConfig.from_hf(json.loads(cfg.read_text()), **overrides)
+    hf = _check_config(read_json(cfg), cfg)
+    try:
+        return LlamaConfig.from_hf(hf, **overrides)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{cfg}: {e}") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    obj = read_json(index)
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise ValueError(f"{index}: key 'weight_map' must be an object of shard file names.")
+    bad = sorted({v for v in wm.values() if Path(v).name != v})
+    if bad:
+        raise ValueError(f"{index}: key 'weight_map' names shard files outside the directory: "
+                         f"{bad[:5]}.")
+    return wm
 
 
 def load_hf_state_dict(path: PathLike) -> dict[str, np.ndarray]:
     """All tensors of an HF checkpoint dir (``model.safetensors`` or a sharded index).
 
-    Arrays are memory-mapped by ``safetensors``; bf16 / fp8 come back as ``ml_dtypes``.
+    Every file is checked before it is read (:func:`lora_jax.checkpoint.read_safetensors`):
+    a truncated or corrupted one is a ``ValueError`` naming it.
     """
     path = Path(path)
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.exists():
-        return load_file(single)
+        return read_safetensors(single)
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _weight_map(index)
         sd = _load_files(path / shard for shard in sorted(set(weight_map.values())))
         missing = sorted(set(weight_map) - set(sd))
         if missing:
-            raise ValueError(f"tensors listed in {index.name} but absent from shards: {missing}")
+            raise ValueError(f"tensors listed in {index} but absent from shards: {missing}")
         return sd
     others = sorted(path.glob("*.safetensors"))
     if others:
@@ -73,7 +132,7 @@ def load_hf_state_dict(path: PathLike) -> dict[str, np.ndarray]:
 def _load_files(files) -> dict[str, np.ndarray]:
     sd: dict[str, np.ndarray] = {}
     for f in files:
-        sd.update(load_file(f))
+        sd.update(read_safetensors(f))
     return sd
 
 

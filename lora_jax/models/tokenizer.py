@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models as tk_models
 
+from lora_jax.checkpoint import read_json
 from lora_jax.models.gguf import gguf_field, is_gguf, open_gguf
 
 __all__ = ["Tokenizer", "format_chatml", "load_tokenizer"]
@@ -169,10 +169,42 @@ def _gguf_tokenizer(reader) -> Tokenizer:
     )
 
 
+def _json_object(path: Path) -> dict:
+    """A JSON object file, or ``{}`` when absent; other content names the file."""
+    if not path.exists():
+        return {}
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object.")
+    return obj
+
+
+def _typed(obj: dict, key: str, ok, want: str, where: Path):
+    v = obj.get(key)
+    if v is not None and not ok(v):
+        raise ValueError(f"{where}: key {key!r} is {str(v)[:80]!r} ({type(v).__name__}); "
+                         f"it must be {want}.")
+    return v
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_token(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str))
+
+
 def _dir_tokenizer(path: Path) -> Tokenizer:
-    backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    try:
+        backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001 - the tokenizers error, with the file's name
+        raise ValueError(f"{path / 'tokenizer.json'} is not a readable tokenizers file: "
+                         f"{str(e)[:300]}") from None
     cfg_path = path / "tokenizer_config.json"
-    tcfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    tcfg = _json_object(cfg_path)
+    for key in ("bos_token", "eos_token"):
+        _typed(tcfg, key, _is_token, "a string or an object with a string 'content'", cfg_path)
 
     def tok_id(v):
         if isinstance(v, dict):
@@ -181,12 +213,13 @@ def _dir_tokenizer(path: Path) -> Tokenizer:
 
     bos_id, eos_id = tok_id(tcfg.get("bos_token")), tok_id(tcfg.get("eos_token"))
     mcfg_path = path / "config.json"
-    if mcfg_path.exists():  # the model config's ids fill what tokenizer_config.json lacks
-        mcfg = json.loads(mcfg_path.read_text())
-        bos_id = bos_id if bos_id is not None else mcfg.get("bos_token_id")
-        if eos_id is None:
-            e = mcfg.get("eos_token_id")
-            eos_id = e[0] if isinstance(e, list) else e
+    mcfg = _json_object(mcfg_path)  # the model config's ids fill what tokenizer_config lacks
+    bos = _typed(mcfg, "bos_token_id", _is_id, "a non-negative int", mcfg_path)
+    eos = _typed(mcfg, "eos_token_id", lambda v: _is_id(v) or (
+        isinstance(v, list) and v and all(map(_is_id, v))), "an int or a list of ints", mcfg_path)
+    bos_id = bos_id if bos_id is not None else bos
+    if eos_id is None:
+        eos_id = eos[0] if isinstance(eos, list) else eos
     template = tcfg.get("chat_template")
     tpath = path / "chat_template.jinja"
     if template is None and tpath.exists():
