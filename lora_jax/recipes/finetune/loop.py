@@ -128,6 +128,7 @@ def run_steps(cfg, step: Callable, state: tuple, get_batch: Callable, prog: Prog
     say = bar.write if bar is not None and cfg.progress else log
     seen, t0, t_first, t_steady = 0, time.perf_counter(), None, None
     with stop_requests() as stop:
+        say(f"training: steps {prog.step + 1}..{cfg.steps} (Ctrl-C saves a checkpoint)")
         while prog.step < cfg.steps:
             k = prog.step
             tr, opt, loss = step(*state, get_batch(k))

@@ -1,0 +1,74 @@
+"""Shared by the recipe tests: a tiny random Llama written as an HF checkpoint dir (with a
+trained BPE tokenizer and a ChatML template) and a small sentiment-like JSONL task."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from lora_jax.models import LlamaConfig, LlamaForCausalLM
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+WORDS = ["good", "great", "fine", "superb", "bad", "awful", "dull", "poor", "film", "plot",
+         "the", "was", "very", "acting", "movie", "story"]
+
+
+def _tokenizer(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                  "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(WORDS), "yes no positive negative user assistant system"] * 4
+    tk.train_from_iterator(corpus, trainer)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}))
+    return tk.get_vocab_size()
+
+
+def _tiny_hf_dir(tmp_path):
+    d = tmp_path / "tiny-llama"
+    vocab = _tokenizer(tmp_path)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      eos_token_id=2, bos_token_id=1)
+    params = LlamaForCausalLM(cfg).init_params(jax.random.key(0), 4)
+    lj.export_merged(params, d)                      # HF names, (out, in) layout
+    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).rename(d / name)
+    return d
+
+
+def _jsonl(tmp_path, n=48):
+    rng = np.random.default_rng(0)
+    pos, neg = WORDS[:4], WORDS[4:8]
+    path = tmp_path / "data.jsonl"
+    lines = []
+    for i in range(n):
+        good = i % 2 == 0
+        words = " ".join(rng.choice(pos if good else neg, 3))
+        lines.append(json.dumps({"prompt": f"the movie was {words} {i}",
+                                 "completion": "positive" if good else "negative"}))
+    path.write_text("\n".join(lines + [lines[0]]) + "\n")   # one exact duplicate
+    return path
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """``(model_dir, data.jsonl, a scratch dir)``."""
+    tmp = tmp_path_factory.mktemp("cli")
+    return _tiny_hf_dir(tmp), _jsonl(tmp), tmp
+
+
