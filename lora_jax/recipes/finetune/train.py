@@ -208,11 +208,12 @@ def _start(cfg, ts, params, out: Path, log):
 
 
 def _checkpointer(cfg, out: Path, full: bool):
-    def checkpoint(state, prog: Progress):
+    def checkpoint(state, prog: Progress, *, final: bool = False):
+        """The last step's adapter is what users keep: it goes without optimizer state."""
         if full or not cfg.save:
             return None
         tr, fr, opt = state
-        save_checkpoint(out, combine(tr, fr), opt, step=prog.step,
+        save_checkpoint(out, combine(tr, fr), None if final else opt, step=prog.step,
                         state=prog.state(cfg.batch, cfg.seed))
         return prog.step
     return checkpoint
@@ -284,7 +285,7 @@ def finetune(cfg: FinetuneConfig, *, log=print) -> dict:
     after, t_eval1 = _evaluate(scorer, params, log, "after")
     outputs = {}
     if cfg.save:
-        _checkpointer(cfg, out, full)(state, prog)
+        _checkpointer(cfg, out, full)(state, prog, final=True)
         outputs = save_final(cfg, out, params, base.name)
     sizes["ckpt_bytes"] = dir_bytes(outputs["adapter"]) if "adapter" in outputs else None
     sizes["peft_bytes"] = dir_bytes(outputs["peft"]) if "peft" in outputs else None
