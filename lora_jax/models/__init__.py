@@ -4,6 +4,8 @@ from lora_jax.models.configs import LLAMA_CONFIGS
 from lora_jax.models.configs import LlamaConfig
 from lora_jax.models.configs import llama_config
 from lora_jax.models.decoding import generate
+from lora_jax.models.decoding import generate_batch
+from lora_jax.models.decoding import stream_tokens
 from lora_jax.models.gguf import gguf_to_hf_state_dict
 from lora_jax.models.hf import hf_state_dict_to_params
 from lora_jax.models.hf import load_hf_state_dict
@@ -35,6 +37,7 @@ __all__ = (
     "format_chatml",
     "from_pretrained",
     "generate",
+    "generate_batch",
     "gguf_to_hf_state_dict",
     "hf_state_dict_to_params",
     "init_cache",
@@ -44,4 +47,5 @@ __all__ = (
     "load_tokenizer",
     "rope_inv_freq",
     "sha256_file",
+    "stream_tokens",
 )

@@ -1,24 +1,40 @@
 """Decoding with a static-shape KV cache: greedy or sampled, stopping early at EOS.
 
+:func:`generate` decodes a batch in one jitted loop; :func:`stream_tokens` yields one
+sequence's tokens as they come (a python loop over a jitted single-token step, with
+top-p sampling); :func:`generate_batch` decodes prompts of different lengths greedily,
+left-padded into fixed-shape batches.
+
 Example::
 
     tokens = generate(model, params, prompt_ids, max_new_tokens=20, eos_id=tokenizer.eos_id)
     tokens = generate(model, lora_params, prompt_ids, 20, apply_fn=lora_jax.lora(model.apply))
+    for t in stream_tokens(model, params, prompt_ids, 20, eos_id=tokenizer.eos_id):
+        print(t)
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.models.llama import LlamaForCausalLM, init_cache
 
-__all__ = ["generate"]
+__all__ = ["generate", "generate_batch", "stream_tokens"]
 
 Array = jax.Array
+
+
+def _eos_tuple(eos_id) -> tuple[int, ...]:
+    if eos_id is None:
+        return ()
+    if isinstance(eos_id, (list, tuple)):
+        return tuple(int(e) for e in eos_id)
+    return (int(eos_id),)
 
 
 def _sample(logits: Array, temperature: float, key: Array | None) -> Array:
@@ -116,12 +132,7 @@ def generate(
         raise ValueError("a PRNG key is required when temperature > 0")
     if key is None:
         key = jax.random.key(0)
-    if eos_id is None:
-        eos_ids = ()
-    elif isinstance(eos_id, (list, tuple)):
-        eos_ids = tuple(int(e) for e in eos_id)
-    else:
-        eos_ids = (int(eos_id),)
+    eos_ids = _eos_tuple(eos_id)
     out = _generate_jit(
         model.apply if apply_fn is None else apply_fn,
         model.config,
@@ -133,3 +144,143 @@ def generate(
         eos_ids,
     )
     return out[0] if squeeze else out
+
+
+def _top_p(logits: Array, top_p: float) -> Array:
+    """``logits`` with every token outside the nucleus set to -inf: the most likely tokens
+    whose probabilities, taken in order, first reach ``top_p`` (the top token always stays)."""
+    order = jnp.argsort(-logits, axis=-1)
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
+    p = jax.nn.softmax(ranked, axis=-1)
+    n_keep = jnp.sum((jnp.cumsum(p, axis=-1) - p) < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(ranked, jnp.maximum(n_keep - 1, 0), axis=-1)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _next_token(apply_fn, params, ids, cache, key, temperature, top_p):
+    """One forward of ``ids`` [1, T] through the cache and the token it picks. Temperature
+    and top-p are traced: greedy and sampled decoding share one compiled step."""
+    logits, cache = apply_fn({"params": params}, ids, cache=cache)
+    key, sub = jax.random.split(key)   # the same key sequence as ``generate``
+    last = logits[:, -1, :]
+    greedy = jnp.argmax(last, axis=-1).astype(jnp.int32)
+    scaled = last / jnp.maximum(temperature, 1e-6)
+    nucleus = jnp.where(top_p < 1.0, _top_p(scaled, top_p), scaled)
+    sampled = jax.random.categorical(sub, nucleus, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0.0, sampled, greedy), cache, key
+
+
+def stream_tokens(
+    model: LlamaForCausalLM,
+    params,
+    prompt_ids,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    key: Array | None = None,
+    eos_id: int | tuple[int, ...] | None = None,
+    apply_fn: Callable | None = None,
+) -> Iterator[int]:
+    """Yield new tokens one by one as :func:`generate` produces them (one sequence).
+
+    The prompt fills a KV cache in one forward; then each token costs one jitted
+    single-token forward, handed to the caller before the next one starts. With the same
+    arguments the tokens equal ``generate(...)[len(prompt):]`` up to the first EOS, which
+    is yielded last. ``top_p < 1`` (with ``temperature > 0``) samples from the nucleus:
+    the most likely tokens whose probabilities first reach ``top_p``.
+    """
+    prompt = jnp.asarray(prompt_ids, jnp.int32)
+    if prompt.ndim != 1 or prompt.shape[0] < 1:
+        raise ValueError(f"prompt_ids must be a non-empty [T] sequence, got shape {prompt.shape}")
+    temperature, top_p = float(temperature), float(top_p)
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature > 0 and key is None:
+        raise ValueError("a PRNG key is required when temperature > 0")
+    eos = set(_eos_tuple(eos_id))
+    apply_fn = model.apply if apply_fn is None else apply_fn
+    temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
+
+    def tokens():
+        cache = init_cache(model.config, 1, prompt.shape[0] + int(max_new_tokens))
+        ids, k = prompt[None, :], jax.random.key(0) if key is None else key
+        for _ in range(int(max_new_tokens)):
+            tok, cache, k = _next_token(apply_fn, params, ids, cache, k, temp, nucleus)
+            t = int(tok[0])
+            yield t
+            if t in eos:
+                return
+            ids = tok[:, None]
+
+    return tokens()
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "config", "max_new_tokens", "eos_ids"))
+def _greedy_padded(apply_fn, config, params, ids, pad, max_new_tokens, eos_ids):
+    """Greedy tokens [B, max_new_tokens] after left-padded prompts ``ids`` [B, P]
+    (``pad[b]`` padding slots, masked out; RoPE positions start at each prompt's first token)."""
+    B, P = ids.shape
+    slots = jnp.arange(P + max_new_tokens, dtype=jnp.int32)[None, :]
+    valid = slots >= pad[:, None]
+    variables = {"params": params}
+    cache = init_cache(config, B, P + max_new_tokens)
+    pos = jnp.maximum(slots[:, :P] - pad[:, None], 0)
+    logits, cache = apply_fn(variables, ids, positions=pos, cache=cache, attention_mask=valid)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    fill = jnp.asarray(eos_ids[0] if eos_ids else 0, jnp.int32)
+
+    def body(i, state):
+        out, cache, tok, done = state
+        out = out.at[:, i].set(jnp.where(done, fill, tok))
+        done = jnp.logical_or(done, jnp.any(tok[:, None] == eos[None, :], axis=-1))
+        logits, cache = apply_fn(variables, tok[:, None], positions=(P + i - pad)[:, None],
+                                 cache=cache, attention_mask=valid)
+        return out, cache, jnp.argmax(logits[:, -1], -1).astype(jnp.int32), done
+
+    state = (jnp.zeros((B, max_new_tokens), jnp.int32), cache,
+             jnp.argmax(logits[:, -1], -1).astype(jnp.int32), jnp.zeros((B,), jnp.bool_))
+    return jax.lax.fori_loop(0, max_new_tokens, body, state)[0]
+
+
+def generate_batch(
+    model: LlamaForCausalLM,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_id: int | tuple[int, ...] | None = None,
+    batch_size: int = 16,
+    apply_fn: Callable | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of prompts of different lengths, ``batch_size`` at a time.
+
+    Prompts are left-padded to the longest one (padding masked, positions shifted), so
+    every batch has one shape and compiles once. Returns each prompt's new tokens, cut
+    after its first EOS (included), as :func:`generate` greedy would produce them alone.
+    """
+    if not prompts or min(len(p) for p in prompts) < 1:
+        raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    eos_ids = _eos_tuple(eos_id)
+    width = max(len(p) for p in prompts)
+    rows = np.zeros((len(prompts), width), np.int32)
+    pad = np.array([width - len(p) for p in prompts], np.int32)
+    for r, p in enumerate(prompts):
+        rows[r, pad[r]:] = p
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        ids, pd = rows[s: s + batch_size], pad[s: s + batch_size]
+        n = ids.shape[0]
+        if n < batch_size:    # one compiled shape: repeat the last row
+            ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - n, 0)])
+            pd = np.concatenate([pd, np.repeat(pd[-1:], batch_size - n, 0)])
+        toks = np.asarray(_greedy_padded(model.apply if apply_fn is None else apply_fn,
+                                         model.config, params, ids, pd, int(max_new_tokens),
+                                         eos_ids))[:n]
+        for row in toks.tolist():
+            ends = [i for i, t in enumerate(row) if t in eos_ids]
+            out.append(row[: ends[0] + 1] if ends else row)
+    return out
