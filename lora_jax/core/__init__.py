@@ -1,5 +1,6 @@
 """The implicit-array base, the jaxpr interpreter and its rule registry; knows no LoRA."""
 
+from lora_jax.core import checks as checks
 from lora_jax.core import control_flow as _control_flow  # noqa: F401  (registers its rules)
 from lora_jax.core.implicit import ImplicitArray
 from lora_jax.core.implicit import dense

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from lora_jax.core import checks
 from lora_jax.core.implicit import is_implicit
 from lora_jax.core.tree import path_str
 
@@ -58,13 +59,47 @@ def _examples(entries, n: int = 6) -> str:
     return ", ".join(shown) or "(no array leaves)"
 
 
+def _why_not(path: str, leaf) -> str | None:
+    """Why a leaf named like a weight is not a default target (None: it is one)."""
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        return f"{path!r} is a {type(leaf).__name__}, not an array"
+    if not is_float_array(leaf):
+        return (f"{path!r} has dtype {leaf.dtype}: only floating weights can be adapted or "
+                "quantized (cast it, or it is not a weight)")
+    if len(leaf.shape) < 2:
+        return f"{path!r} has shape {tuple(leaf.shape)}: a weight needs ndim >= 2"
+    return None
+
+
+def _no_default(what: str, entries, fix: str) -> ValueError:
+    near = [r for p, _, x in entries if leaf_name(p) in DEFAULT_LEAF_NAMES
+            for r in [_why_not(p, x)] if r]
+    why = f": {'; '.join(near[:4])}." if near else "."
+    return ValueError(
+        f"{what}: no leaf matches the default targets{why} Default targets are floating, "
+        f"ndim >= 2, named {' / '.join(DEFAULT_LEAF_NAMES)}; the tree holds "
+        f"{_examples(entries)}. {fix}")
+
+
+def _patterns(what: str, targets, fix: str) -> list:
+    if isinstance(targets, (str, re.Pattern)):
+        return [targets]
+    if not isinstance(targets, (list, tuple, set, frozenset)):
+        raise TypeError(f"{what}: targets must be None, a regex string, a list of them or a "
+                        f"predicate(path, leaf), got {type(targets).__name__} {targets!r}. {fix}")
+    if not targets:
+        raise ValueError(f"{what}: targets is an empty list; pass None for the default. {fix}")
+    return list(targets)
+
+
 def select_leaves(params, targets: Targets, *, what: str,
                   default: Callable[[str, Any], bool] | None = None):
     """``[(path, keypath, leaf)]`` of the leaves ``targets`` picks, in tree order.
 
     Nodes (``ImplicitArray``) are leaves. ``default`` replaces the name-based
     default predicate when ``targets`` is None. Raises ``ValueError`` naming
-    real paths of the tree when nothing (or some rule) matches nothing.
+    real paths of the tree when nothing (or some rule) matches nothing, and
+    ``TypeError`` when ``targets`` is of no accepted kind.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_implicit)
     entries = [(path_str(p), p, leaf) for p, leaf in flat]
@@ -74,30 +109,22 @@ def select_leaves(params, targets: Targets, *, what: str,
         pred = default or is_default_target
         chosen = [e for e in entries if pred(e[0], e[2])]
         if not chosen:
-            raise ValueError(
-                f"{what}: no leaf matches the default targets (floating, ndim >= 2, named "
-                f"{' / '.join(DEFAULT_LEAF_NAMES)}). The tree holds {_examples(entries)}. {fix}")
+            raise _no_default(what, entries, fix)
         return chosen
-    if callable(targets):
+    if callable(targets) and not isinstance(targets, re.Pattern):
         chosen = [e for e in entries if targets(e[0], e[2])]
         if not chosen:
             raise ValueError(f"{what}: the targets predicate matched no leaf; the tree holds "
                              f"{_examples(entries)}.")
         return chosen
-    patterns = [targets] if isinstance(targets, str) else list(targets)
-    if not patterns:
-        raise ValueError(f"{what}: targets is an empty list; pass None for the default. {fix}")
     seen: set[str] = set()
-    for pat in patterns:
-        if not isinstance(pat, str):
+    for pat in _patterns(what, targets, fix):
+        if not isinstance(pat, (str, re.Pattern)):
             raise TypeError(f"{what}: each target must be a regex string, got {pat!r}. {fix}")
-        try:
-            rx = re.compile(pat)
-        except re.error as e:
-            raise ValueError(f"{what}: target {pat!r} is not a valid regex ({e}).") from None
+        rx = checks.regex(what, "target", pat)
         hits = [e[0] for e in entries if rx.search(e[0])]
         if not hits:
-            raise ValueError(f"{what}: target {pat!r} matches no leaf; the tree holds "
+            raise ValueError(f"{what}: target {rx.pattern!r} matches no leaf; the tree holds "
                              f"{_examples(entries)}.")
         seen.update(hits)
     return [e for e in entries if e[0] in seen]

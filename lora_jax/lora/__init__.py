@@ -22,8 +22,11 @@ from lora_jax.lora.transform import lora
 from lora_jax.lora.transform import register_dot_rule
 from lora_jax.lora.weight import AdapterNode
 from lora_jax.lora.weight import LoraWeight
+from lora_jax.lora.weight import check_node
+from lora_jax.lora.weight import factor_problem
 from lora_jax.lora.weight import is_adapter
 from lora_jax.lora.weight import lora_scale
+from lora_jax.lora.weight import looks_like_factors
 
 __all__ = (
     "AdapterNode",
@@ -31,16 +34,19 @@ __all__ = (
     "LoraWeight",
     "MaterializationError",
     "MaterializationWarning",
+    "check_node",
     "combine",
     "count_params",
     "default_layout",
     "dot_rule",
+    "factor_problem",
     "infer_layout",
     "is_adapter",
     "layouts_for",
     "lora",
     "lora_optimizer",
     "lora_scale",
+    "looks_like_factors",
     "lorafy",
     "merge",
     "normalize_layout",

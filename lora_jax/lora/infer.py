@@ -38,7 +38,7 @@ from lora_jax.core import (
     register,
     static,
 )
-from lora_jax.lora.layout import LayoutSpec, normalize, resolve_layout
+from lora_jax.lora.layout import LayoutSpec, check_layout_spec, normalize, resolve_layout
 
 
 @node
@@ -166,6 +166,7 @@ def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=N
     or gets the guessed layout. Without ``fn``: ``layout``, a node's own layout, or the
     guess; ``default_target`` is None (the name-based default).
     """
+    check_layout_spec(what, layout)
     if fn is None:
         def layout_of(path, leaf):
             ins = getattr(leaf, "in_axes", None) or getattr(leaf, "in_ndim", None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Union
 
-from lora_jax.core import leaf_name
+from lora_jax.core import checks, leaf_name
 
 Layout = tuple[int, tuple[int, ...]]   # (stack_ndim, in_axes)
 LayoutSpec = Union[None, Callable[[str, Any], Any], Mapping[str, Any]]
@@ -80,9 +80,23 @@ def normalize(layout, path: str, shape: tuple[int, ...]) -> Layout:
     return s, ins
 
 
+def check_layout_spec(what: str, layout) -> None:
+    """TypeError/ValueError naming ``layout`` unless it is None, a callable or a
+    ``{regex or path: layout}`` mapping with valid regex keys."""
+    if layout is None or callable(layout):
+        return
+    if not isinstance(layout, Mapping):
+        raise TypeError(f"{what}: layout must be None, a dict {{regex or path: (stack_ndim, "
+                        f"in_axes)}} or a callable(path, leaf), got {type(layout).__name__} "
+                        f"{layout!r}.")
+    for key in layout:
+        checks.regex(what, "layout key", key)
+
+
 def resolve_layout(layout: LayoutSpec, path: str, leaf) -> Layout:
     """The layout of leaf ``path``: from ``layout`` (exact path, first matching regex,
     or ``callable(path, leaf)``), else :func:`default_layout`."""
+    check_layout_spec("resolve_layout", layout)
     shape = tuple(leaf.shape)
     out = None
     if callable(layout):

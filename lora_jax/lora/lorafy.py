@@ -29,64 +29,88 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax.core import (
     Targets,
+    checks,
     is_float_array,
     is_implicit,
     path_str,
     select_leaves,
 )
 from lora_jax.lora.infer import layouts_for
-from lora_jax.lora.layout import LayoutSpec
+from lora_jax.lora.layout import LayoutSpec, check_layout_spec
 from lora_jax.lora.weight import LoraWeight
 
 _INITS = ("kaiming", "gaussian")
 
 
-def _pattern_value(pattern: Mapping[str, Any] | None, path: str, default):
-    for rx, value in (pattern or {}).items():
-        if re.search(rx, path):
+def _pattern_value(pattern: Mapping[re.Pattern, Any], path: str, default):
+    for rx, value in pattern.items():
+        if rx.search(path):
             return value
     return default
 
 
 def _check_target(path: str, leaf):
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-        raise TypeError(f"leaf {path!r} is a {type(leaf).__name__}, not an array; "
+        raise TypeError(f"lorafy: leaf {path!r} is a {type(leaf).__name__}, not an array; "
                         "exclude it from targets.")
     if not is_float_array(leaf):
-        raise ValueError(f"leaf {path!r} has dtype {leaf.dtype}; LoRA needs a floating weight. "
-                         "Exclude it from targets.")
+        raise ValueError(f"lorafy: leaf {path!r} has dtype {leaf.dtype}; LoRA needs a floating "
+                         "weight. Exclude it from targets.")
     if len(leaf.shape) < 2:
-        raise ValueError(f"leaf {path!r} has shape {tuple(leaf.shape)}; LoRA needs ndim >= 2. "
-                         "Exclude it from targets.")
+        raise ValueError(f"lorafy: leaf {path!r} has shape {tuple(leaf.shape)}; LoRA needs "
+                         "ndim >= 2. Exclude it from targets.")
 
 
-def _check_args(rank, alpha, init, dtype):
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
-        raise ValueError(f"rank must be a positive int, got {rank!r}.")
-    if alpha is not None and not (isinstance(alpha, (int, float, np.number))
-                                  and not isinstance(alpha, bool) and math.isfinite(alpha)
-                                  and alpha > 0):
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}.")
-    if init not in _INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {_INITS}.")
-    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"dtype must be a floating dtype for A and B, got {dtype!r}.")
+def _rank(what, name, value):
+    return checks.positive_int(what, name, value, fix="LoRA ranks are whole numbers such as 8.")
+
+
+def _alpha(what, name, value):
+    return checks.number(what, name, value, fix="alpha sets scale = alpha / rank.")
+
+
+def _pattern_rank(key, value):
+    return _rank("lorafy", f"rank_pattern gives leaf paths matching {key!r} a rank that", value)
+
+
+def _pattern_alpha(key, value):
+    return _alpha("lorafy", f"alpha_pattern gives leaf paths matching {key!r} an alpha that",
+                  value)
+
+
+def _check_args(params, rank, alpha, key, rslora, init, dtype, layout, fn, args, kwargs):
+    """Every argument of :func:`lorafy`, before anything is traced or drawn."""
+    checks.tree("lorafy", "params", params)
+    _rank("lorafy", "rank", rank)
+    if alpha is not None:
+        _alpha("lorafy", "alpha", alpha)
+    if key is not None:
+        checks.prng_key("lorafy", "key", key)
+    checks.boolean("lorafy", "rslora", rslora)
+    checks.one_of("lorafy", "init", init, _INITS)
+    checks.floating_dtype("lorafy", "dtype", dtype)
+    check_layout_spec("lorafy", layout)
+    checks.callable_or_none("lorafy", "fn", fn)
+    checks.fn_args("lorafy", args, kwargs)
 
 
 def _rank_alpha(path, rank, alpha, rank_pattern, alpha_pattern):
     r = _pattern_value(rank_pattern, path, rank)
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
-        raise ValueError(f"rank_pattern gives leaf {path!r} rank {r!r}; it must be a positive int.")
     a = _pattern_value(alpha_pattern, path, alpha if alpha is not None else r)
-    if isinstance(a, bool) or not isinstance(a, (int, float, np.number)) or not (
-            math.isfinite(a) and a > 0):
-        raise ValueError(f"alpha_pattern gives leaf {path!r} alpha {a!r}; it must be a positive "
-                         "finite number.")
     return int(r), float(a)
+
+
+def _unused_patterns(chosen, **patterns) -> None:
+    """A pattern that picks no target is a typo that would silently keep the default."""
+    paths = [p for p, _, _ in chosen]
+    for name, pattern in patterns.items():
+        for rx in pattern:
+            if not any(rx.search(p) for p in paths):
+                raise ValueError(f"lorafy: {name} key {rx.pattern!r} matches no target; the "
+                                 f"targets are {paths[:6]}. Fix the regex or drop the entry.")
 
 
 def _factors(k, leaf, path, r, lay, init, dtype):
@@ -139,15 +163,18 @@ def lorafy(params, rank: int = 8, *, alpha: float | None = None, targets: Target
         and example inputs; it is traced abstractly (no FLOPs) to read each weight's
         layout, so the factors are PEFT's: A on the input side, B (zero) on the output side.
     """
-    _check_args(rank, alpha, init, dtype)
+    _check_args(params, rank, alpha, key, rslora, init, dtype, layout, fn, args, kwargs)
+    rank_pattern = checks.pattern_map("lorafy", "rank_pattern", rank_pattern, _pattern_rank)
+    alpha_pattern = checks.pattern_map("lorafy", "alpha_pattern", alpha_pattern, _pattern_alpha)
     key = jax.random.key(0) if key is None else key
     layout_of, default = layouts_for(params, layout=layout, fn=fn, args=args, kwargs=kwargs,
                                      what="lorafy", require_use=True)
     chosen = select_leaves(params, targets, what="lorafy", default=default)
+    _unused_patterns(chosen, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     replace = {}
     for k, (path, _, leaf) in zip(jax.random.split(key, len(chosen)), chosen):
         if isinstance(leaf, LoraWeight):
-            raise ValueError(f"leaf {path!r} is already a LoraWeight; merge() it first.")
+            raise ValueError(f"lorafy: leaf {path!r} is already a LoraWeight; merge() it first.")
         _check_target(path, leaf)
         r, alpha_ = _rank_alpha(path, rank, alpha, rank_pattern, alpha_pattern)
         lay = layout_of(path, leaf)
@@ -163,5 +190,6 @@ def lorafy(params, rank: int = 8, *, alpha: float | None = None, targets: Target
 def merge(params):
     """A plain tree: every node formed (``w0 + scale * a @ b``; DoRA's ``m * V / ||V||``;
     quantized bases dequantized) for serving/export."""
+    checks.tree("merge", "params", params)
     return jax.tree.map(lambda x: x.materialize() if is_implicit(x) else x,
                         params, is_leaf=is_implicit)

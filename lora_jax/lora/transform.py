@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lora_jax.core import interpret, register
+from lora_jax.core import checks, interpret, register
 from lora_jax.lora import rules as _rules  # noqa: F401  (registers LoraWeight's rules)
 
 
@@ -35,6 +35,8 @@ def lora(fn: Callable | None = None, *, strict: bool = False) -> Callable:
         through its functional split, plain jnp code).
       strict: raise :class:`MaterializationError` instead of warning.
     """
+    checks.callable_or_none("lora", "fn", fn)
+    checks.boolean("lora", "strict", strict)
     return interpret(fn, strict=strict)
 
 

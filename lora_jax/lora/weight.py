@@ -25,8 +25,9 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lora_jax.core import ImplicitArray, dense, node, static
+from lora_jax.core import ImplicitArray, checks, dense, is_implicit, node, static
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -83,11 +84,74 @@ class AdapterNode(ImplicitArray):
 
 def in_axes_arg(in_axes, in_ndim) -> tuple[int, ...]:
     """``in_axes`` from the constructor's ``in_axes=`` or its ``in_ndim=k`` shorthand."""
+    if in_ndim is not None:
+        in_ndim = checks.positive_int("LoraWeight", "in_ndim", in_ndim)
     if in_axes is None:
-        return tuple(range(1 if in_ndim is None else int(in_ndim)))
-    if in_ndim is not None and int(in_ndim) != len(in_axes):
-        raise ValueError(f"in_ndim={in_ndim} disagrees with in_axes={tuple(in_axes)}.")
+        return tuple(range(1 if in_ndim is None else in_ndim))
+    if not isinstance(in_axes, (tuple, list)) or not all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in in_axes):
+        raise TypeError(f"LoraWeight: in_axes must be a tuple of ints (positions of the input "
+                        f"axes, e.g. (0,)), got {in_axes!r}.")
+    if in_ndim is not None and in_ndim != len(in_axes):
+        raise ValueError(f"LoraWeight: in_ndim={in_ndim} disagrees with "
+                         f"in_axes={tuple(in_axes)}; pass one of them.")
     return tuple(int(i) for i in in_axes)
+
+
+def looks_like_factors(*parts) -> bool:
+    """Whether a construction is the user's: every given part a concrete array (or node)
+    with ndim >= 2. Pytree unflattening also calls the constructor, with tracers,
+    ShapeDtypeStructs, None, placeholders or per-leaf statistics (``jax.tree.map(
+    jnp.linalg.norm, grads)``); those must pass unchecked."""
+    given = [x for x in parts if x is not None]
+    return bool(given) and all(
+        getattr(x, "ndim", 0) >= 2 and (checks.is_concrete(x) or (
+            is_implicit(x) and all(checks.is_concrete(v) for v in jax.tree.leaves(x))))
+        for x in given)
+
+
+def factor_problem(w0, a, b, in_axes) -> str | None:
+    """What is inconsistent between ``w0`` [*S, ...], ``a`` [*S, *I, r] and ``b``
+    [*S, r, *O] for ``in_axes`` (None when they fit). Parts may be None (a split half)."""
+    if a is None:
+        return None           # a frozen half (w0 only), or b alone: nothing to compare
+    s = a.ndim - len(in_axes) - 1
+    if s < 0:
+        return (f"a has shape {tuple(a.shape)}, too few axes for {len(in_axes)} input axes "
+                "plus the rank axis")
+    r = a.shape[-1]
+    if w0 is None:
+        if b is not None and (b.ndim <= s or tuple(b.shape[:s + 1]) != (*a.shape[:s], r)):
+            return (f"a of shape {tuple(a.shape)} and b of shape {tuple(b.shape)} disagree on "
+                    "the stacked axes or the rank")
+        return None
+    shape = tuple(w0.shape)
+    n = len(shape) - s
+    if len(set(in_axes)) != len(in_axes) or any(not 0 <= j < n for j in in_axes) \
+            or len(in_axes) >= n:
+        return (f"in_axes={tuple(in_axes)} do not fit w0 of shape {shape} with {s} stacked "
+                "axes (each input axis once, at least one output axis)")
+    want_a = (*shape[:s], *(shape[s + j] for j in in_axes), r)
+    if tuple(a.shape) != want_a:
+        return (f"a has shape {tuple(a.shape)}, but w0 {shape} with in_axes {tuple(in_axes)} "
+                f"needs {want_a} (stacked axes, input axes, rank)")
+    want_b = (*shape[:s], r, *(shape[s + j] for j in range(n) if j not in in_axes))
+    if b is not None and tuple(b.shape) != want_b:
+        return (f"b has shape {tuple(b.shape)}, but w0 {shape} with in_axes {tuple(in_axes)} "
+                f"and rank {r} needs {want_b} (stacked axes, rank, output axes)")
+    return None
+
+
+def check_node(what: str, w0, a, b, alpha, rslora, in_axes) -> None:
+    """ValueError/TypeError naming the part of an adapter node that is wrong."""
+    checks.number(what, "alpha", alpha, positive=False)
+    checks.boolean(what, "rslora", rslora)
+    problem = factor_problem(w0, a, b, in_axes)
+    if problem:
+        raise ValueError(f"{what}: {problem}. Build nodes with lorafy(), or pass w0, a, b "
+                         "shaped as the class docstring says.")
+    if a is not None and a.shape[-1] == 0:
+        raise ValueError(f"{what}: a has rank 0 (shape {tuple(a.shape)}); LoRA needs rank >= 1.")
 
 
 def _set_fields(obj, **fields) -> None:
@@ -128,12 +192,19 @@ class LoraWeight(AdapterNode):
 
     def __init__(self, w0, a, b, *, alpha: float = 8.0, rslora: bool = False,
                  in_axes=None, in_ndim: int | None = None):
-        _set_fields(self, w0=w0, a=a, b=b, alpha=alpha, rslora=rslora,
-                    in_axes=in_axes_arg(in_axes, in_ndim))
+        in_axes = in_axes_arg(in_axes, in_ndim)
+        if looks_like_factors(w0, a, b):
+            check_node("LoraWeight", w0, a, b, alpha, rslora, in_axes)
+        _set_fields(self, w0=w0, a=a, b=b, alpha=alpha, rslora=rslora, in_axes=in_axes)
 
     @property
     def scale(self) -> float:
         return lora_scale(self.alpha, self.rank, self.rslora)
+
+    @staticmethod
+    def check_parts(fields: dict, like: "LoraWeight") -> str | None:
+        """What is wrong with data ``fields`` for a node with ``like``'s static fields."""
+        return factor_problem(fields["w0"], fields["a"], fields["b"], like.in_axes)
 
     def delta(self) -> jax.Array:
         """``scale * a @ b`` as an array of ``w0``'s shape (forms the full product)."""

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.core import Targets, is_float_array, is_implicit, path_str, select_leaves
+from lora_jax.core import Targets, checks, is_float_array, is_implicit, path_str, select_leaves
 from lora_jax.lora import LayoutSpec, layouts_for, normalize_layout
 from lora_jax.quant import kernels
 from lora_jax.quant.codes import KINDS
@@ -39,32 +39,53 @@ def is_quantized(x) -> bool:
     return isinstance(x, QuantizedWeight)
 
 
-def check_kind(kind, block_size, group_size) -> None:
+def check_kind(kind, block_size, group_size, what: str = "quantize") -> None:
     """ValueError naming the fix when ``kind`` / its block or group size is unsupported."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown quantization kind {kind!r}; use one of {KINDS}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"{what}: unknown quantization kind {kind!r}; use one of {KINDS}")
+    if isinstance(block_size, bool) or isinstance(group_size, bool):
+        raise TypeError(f"{what}: block_size={block_size!r} / group_size={group_size!r}: sizes "
+                        "are ints, not bools")
     if kind in ("nf4", "fp4"):
         if (not isinstance(block_size, (int, np.integer)) or block_size < 32 or block_size > 4096
                 or block_size & (block_size - 1)):
             raise ValueError(
-                f"block_size={block_size!r} is invalid for {kind}: use a power of two in 32..4096 "
-                "(bitsandbytes supports 32, 64, ..., 4096; QLoRA uses 64)")
+                f"{what}: block_size={block_size!r} is invalid for {kind}: use a power of two "
+                "in 32..4096 (bitsandbytes supports 32, 64, ..., 4096; QLoRA uses 64)")
     elif not isinstance(group_size, (int, np.integer)) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} is invalid for int4: use a positive int "
+        raise ValueError(f"{what}: group_size={group_size!r} is invalid for int4: use an int >= 1 "
                          "(default 128, clamped to the in dimension)")
 
 
 def _check_leaf(path: str, leaf) -> None:
+    if not checks.is_array_like(leaf):
+        raise TypeError(f"quantize: leaf {path!r} is a {type(leaf).__name__}, not an array; "
+                        "narrow `targets` so it does not match this leaf.")
     if not is_float_array(leaf):
-        raise ValueError(f"leaf {path!r} has dtype {getattr(leaf, 'dtype', None)}; only float "
-                         "leaves can be quantized. Narrow `targets` so it does not match "
-                         "this leaf.")
+        raise ValueError(f"quantize: leaf {path!r} has dtype {leaf.dtype}; only float leaves "
+                         "can be quantized. Narrow `targets` so it does not match this leaf.")
     if leaf.ndim < 2:
-        raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)} is not a kernel (ndim < 2); "
-                         "biases, norms and other 1-D leaves are not quantized. Narrow `targets`.")
+        raise ValueError(f"quantize: leaf {path!r} of shape {tuple(leaf.shape)} is not a kernel "
+                         "(ndim < 2); biases, norms and other 1-D leaves are not quantized. "
+                         "Narrow `targets`.")
     if math.prod(leaf.shape) == 0:
-        raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)} is empty; exclude it "
-                         "from `targets`.")
+        raise ValueError(f"quantize: leaf {path!r} of shape {tuple(leaf.shape)} is empty; "
+                         "exclude it from `targets`.")
+    # Under jit the values are tracers and cannot be read: only concrete leaves are checked.
+    checks.finite_array("quantize", path, leaf,
+                        "NaN/Inf would corrupt its block scales (a NaN becomes -absmax, one Inf "
+                        "turns a double-quantized tensor into NaN). Fix the weights first.")
+
+
+def _check_opts(double_quant, stack_ndim, in_axes, in_ndim, path) -> None:
+    checks.boolean("quantize", "double_quant", double_quant)
+    checks.positive_int("quantize", "stack_ndim", stack_ndim, minimum=0)
+    if in_ndim is not None:
+        checks.positive_int("quantize", "in_ndim", in_ndim)
+    if in_axes is not None and not isinstance(in_axes, (int, np.integer, tuple, list)):
+        raise TypeError(f"quantize: in_axes must be a tuple of ints, got {in_axes!r}.")
+    if not isinstance(path, str):
+        raise TypeError(f"quantize: path must be a string (used in messages), got {path!r}.")
 
 
 def quantize_array(w, kind: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
@@ -77,6 +98,7 @@ def quantize_array(w, kind: str = "nf4", *, block_size: int = 64, double_quant: 
     weight); ``in_ndim=k`` is shorthand for ``in_axes=(0, ..., k-1)``.
     """
     check_kind(kind, block_size, group_size)
+    _check_opts(double_quant, stack_ndim, in_axes, in_ndim, path)
     _check_leaf(path, w)
     ins = in_axes if in_axes is not None else (1 if in_ndim is None else int(in_ndim))
     s, ins = normalize_layout((stack_ndim, ins), path, tuple(w.shape))
@@ -110,9 +132,17 @@ def quantize(params, kind: str = "nf4", *, block_size: int = 64, double_quant: b
     ``fn`` (called as ``fn(params, *args, **kwargs)``, traced abstractly) the
     layouts are read off how it uses each weight. An adapter node (``LoraWeight``)
     has its ``w0`` quantized with its own layout; existing ``QuantizedWeight``
-    nodes are left as they are.
+    nodes of the same kind are left as they are (another kind raises).
+
+    A weight holding NaN or Inf raises ``ValueError`` naming its path. The check
+    reads values, so it runs only on concrete arrays: under ``jit`` (traced
+    leaves) it cannot run, and non-finite weights quantize to garbage there.
     """
+    checks.tree("quantize", "params", params)
     check_kind(kind, block_size, group_size)
+    checks.boolean("quantize", "double_quant", double_quant)
+    checks.callable_or_none("quantize", "fn", fn)
+    checks.fn_args("quantize", args, kwargs)
     # A leaf fn never contracts keeps the guessed layout: any layout dequantizes exactly.
     layout_of, default = layouts_for(params, layout=layout, fn=fn, args=args, kwargs=kwargs,
                                      what="quantize", require_use=False)
@@ -122,8 +152,11 @@ def quantize(params, kind: str = "nf4", *, block_size: int = 64, double_quant: b
     for path, _, leaf in chosen:
         adapter = is_implicit(leaf) and hasattr(leaf, "w0")
         base = leaf.w0 if adapter else leaf
-        if is_implicit(base) or not hasattr(base, "shape"):
-            continue                                   # already quantized, or no array
+        if isinstance(base, QuantizedWeight) and base.kind != kind:
+            raise ValueError(f"quantize: leaf {path!r} is already quantized as {base.kind}, not "
+                             f"{kind}; dequantize() it first to requantize.")
+        if is_implicit(base):
+            continue                                   # already quantized
         _check_leaf(path, base)
         s, ins = (leaf.stack_ndim, leaf.in_axes) if adapter else layout_of(path, base)
         q = quantize_array(base, kind, stack_ndim=s, in_axes=ins, path=path, **opts)
@@ -134,6 +167,7 @@ def quantize(params, kind: str = "nf4", *, block_size: int = 64, double_quant: b
 
 def dequantize(tree):
     """Replace every QuantizedWeight (also an adapter node's ``w0``) by its dense array."""
+    checks.tree("dequantize", "tree", tree)
     def visit(x):
         if isinstance(x, QuantizedWeight):
             return x.materialize()
@@ -167,6 +201,7 @@ def bits_per_param(tree) -> dict:
     "by_kind": {kind: {...}}, "unquantized_leaves", "unquantized_params",
     "unquantized_bytes"}``.
     """
+    checks.tree("bits_per_param", "tree", tree)
     quantized, plain = _quantized_leaves(tree)
     by_kind: dict[str, dict] = {}
     for q in quantized:

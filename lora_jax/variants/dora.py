@@ -26,8 +26,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax.core import is_implicit, node, path_str, register, static
-from lora_jax.lora import AdapterNode, LoraWeight, dot_rule, lora_scale, lorafy
+from lora_jax.core import checks, is_implicit, node, path_str, register, static
+from lora_jax.lora import (
+    AdapterNode,
+    LoraWeight,
+    check_node,
+    dot_rule,
+    factor_problem,
+    looks_like_factors,
+    lora_scale,
+    lorafy,
+)
 
 # ----------------------------------------------------------------------------- DoRA node
 
@@ -53,6 +62,21 @@ class DoraWeight(AdapterNode):
     in_axes: tuple[int, ...] = static((0,))
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b", "m")
+
+    def __post_init__(self):
+        # Only a user's construction (concrete arrays) is checked; see looks_like_factors.
+        if looks_like_factors(self.w0, self.a, self.b):
+            check_node("DoraWeight", self.w0, self.a, self.b, self.alpha, self.rslora,
+                       self.in_axes)
+            problem = _magnitude_problem(self.w0, self.a, self.m, self.in_axes)
+            if problem:
+                raise ValueError(f"DoraWeight: {problem}; to_dora() builds m for you.")
+
+    @staticmethod
+    def check_parts(fields: dict, like: "DoraWeight") -> str | None:
+        """What is wrong with data ``fields`` for a node with ``like``'s static fields."""
+        return (factor_problem(fields["w0"], fields["a"], fields["b"], like.in_axes)
+                or _magnitude_problem(fields["w0"], fields["a"], fields["m"], like.in_axes))
 
     @property
     def scale(self) -> float:
@@ -81,6 +105,18 @@ class DoraWeight(AdapterNode):
     def astype(self, dtype) -> "DoraWeight":
         return dataclasses.replace(self, w0=self.w0.astype(dtype), a=self.a.astype(dtype),
                                    b=self.b.astype(dtype), m=self.m.astype(dtype))
+
+
+def _magnitude_problem(w0, a, m, in_axes) -> str | None:
+    """``m`` must be [*S, *O]: one magnitude per output feature of each stacked layer."""
+    if w0 is None or a is None or m is None:
+        return None
+    s = a.ndim - len(in_axes) - 1
+    shape = tuple(w0.shape)
+    want = (*shape[:s], *(d for j, d in enumerate(shape[s:]) if j not in in_axes))
+    if tuple(m.shape) != want:
+        return f"m has shape {tuple(m.shape)}, but w0 {shape} needs {want} (one per output)"
+    return None
 
 
 def _column_norm(w: LoraWeight) -> jax.Array:
@@ -130,6 +166,7 @@ def is_lora_or_dora(x) -> bool:
 def to_dora(params):
     """Every :class:`LoraWeight` in ``params`` becomes a :class:`DoraWeight` with
     ``m = ||w0 + s*a@b||`` (so the model is unchanged). Embedding tables are refused."""
+    checks.tree("to_dora", "params", params)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora_or_dora)
     out, n = [], 0
     for kp, leaf in flat:

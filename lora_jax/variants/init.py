@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax.core import is_implicit, path_str
+from lora_jax.core import checks, is_implicit, path_str
 from lora_jax.lora import LoraWeight
 from lora_jax.variants.dora import DoraWeight, is_lora_or_dora
 
@@ -29,6 +29,9 @@ def _per_layer(w: LoraWeight):
             "(as PEFT requires for PiSSA).")
     if not jnp.issubdtype(w.w0.dtype, jnp.floating):
         raise TypeError(f"the base weight has dtype {w.w0.dtype}; PiSSA/OLoRA need a float base.")
+    if checks.is_concrete(w.w0) and not bool(jnp.isfinite(w.w0).all()):
+        raise ValueError("the base weight holds NaN or Inf; its SVD/QR would give NaN factors. "
+                         "Fix the weights first.")
     s, n_in = w.stack_ndim, w.in_ndim
     canon = w.to_canonical(jnp.asarray(w.w0, jnp.float32))           # [*S, *I, *O]
     S, I, O = canon.shape[:s], canon.shape[s:s + n_in], canon.shape[s + n_in:]
@@ -43,6 +46,7 @@ def _rebuild(w: LoraWeight, w0f, af, bf, S, I, O) -> LoraWeight:
 
 
 def _map_init(params, fn, what: str):
+    checks.tree(what, "params", params)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora_or_dora)
     out, n = [], 0
     for kp, leaf in flat:
@@ -52,8 +56,9 @@ def _map_init(params, fn, what: str):
         if isinstance(leaf, LoraWeight):
             try:
                 leaf = fn(leaf)
-            except TypeError as e:
-                raise TypeError(f"{what}: leaf {path_str(kp)!r}: {e}") from None
+            except (TypeError, ValueError) as e:
+                kind = TypeError if isinstance(e, TypeError) else ValueError
+                raise kind(f"{what}: leaf {path_str(kp)!r}: {e}") from None
             n += 1
         out.append(leaf)
     if not n:

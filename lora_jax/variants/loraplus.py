@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import optax
 
-from lora_jax.core import ImplicitArray, path_str
+from lora_jax.core import ImplicitArray, checks, path_str
 from lora_jax.lora import is_adapter
 
 # ----------------------------------------------------------------------------- LoRA+
@@ -23,6 +23,9 @@ def loraplus_labels(params, *, embedding: bool = False):
     ``"frozen"`` elsewhere (``w0``, biases, ...). With ``embedding=True`` the factors of
     embedding tables (leaf name ``embedding``) get ``"lora_embedding"``. Works on a full
     tree or on the trainable half from a split (``None`` holes stay ``None``)."""
+    checks.tree("loraplus_labels", "params", params)
+    checks.boolean("loraplus_labels", "embedding", embedding)
+
     def is_node(x):
         return is_adapter(x)
 
@@ -63,15 +66,23 @@ def loraplus_optimizer(tx: Any, params=None, *, ratio: float, lr: float | None =
     ``params`` (optional) is only checked to hold LoRA nodes; labels are computed from
     whatever tree ``init`` gets, so it works on a full tree or a split's trainable half.
     """
-    if not (isinstance(ratio, (int, float)) and ratio > 0):
-        raise ValueError(f"loraplus_optimizer: ratio must be a positive number, got {ratio!r} "
-                         "(LoRA+ suggests 2..16; PEFT calls it loraplus_lr_ratio).")
+    what = "loraplus_optimizer"
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and not ratio > 0:
+        raise ValueError(f"{what}: ratio must be a positive number, got {ratio!r} (LoRA+ "
+                         "suggests 2..16; PEFT calls it loraplus_lr_ratio).")
+    ratio = checks.number(what, "ratio", ratio, fix="LoRA+ suggests 2..16.")
+    if lr is not None:
+        checks.number(what, "lr", lr, fix="lr is A's learning rate.")
+    if embedding_lr is not None:
+        checks.number(what, "embedding_lr", embedding_lr)
     if params is not None and not any(
             is_adapter(x)
             for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, ImplicitArray))):
         raise ValueError("loraplus_optimizer: params hold no LoRA node; lorafy() them first.")
     emb_tx = None
     if isinstance(tx, (int, float)) and not isinstance(tx, bool):
+        checks.number(what, "tx (a learning rate)", tx)
+
         def factory(lr_):
             return optax.adamw(lr_, weight_decay=0.0)
         base_lr = float(tx)

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax.core import compat, dense, is_implicit, node, register, static
+from lora_jax.core import checks, compat, dense, is_implicit, node, register, static
 from lora_jax.lora import AdapterNode, LoraWeight, lora_scale
 
 BASE = -1
@@ -74,6 +74,19 @@ class MultiLoraWeight(AdapterNode):
     in_ndim: int = static(1)
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    def __post_init__(self):
+        # Static fields only: the leaves may be tracers or placeholders (pytree unflattening).
+        n = len(self.names)
+        if not (len(self.ranks) == len(self.alphas) == len(self.rsloras) == n):
+            raise ValueError(f"MultiLoraWeight: names, ranks, alphas and rsloras must have one "
+                             f"entry per adapter, got {n}, {len(self.ranks)}, "
+                             f"{len(self.alphas)}, {len(self.rsloras)}; build it with "
+                             "stack_adapters().")
+        if checks.is_concrete(self.a) and self.a.ndim >= 2 + self.in_ndim \
+                and self.a.shape[self.stack_ndim] != n:
+            raise ValueError(f"MultiLoraWeight: a of shape {tuple(self.a.shape)} holds "
+                             f"{self.a.shape[self.stack_ndim]} adapters, names {n}.")
 
     @property
     def num_adapters(self) -> int:
@@ -204,6 +217,9 @@ def unstack_adapter(params, name):
 
 def adapter_ids(params, rows: Sequence) -> jax.Array:
     """int32 ids for ``rows``: adapter names or indices, ``None`` / ``-1`` = base."""
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+        raise TypeError(f"adapter_ids: rows must be a list (one adapter name, index or None "
+                        f"per batch row), got {rows!r}; for one row pass [{rows!r}].")
     names = adapter_names(params)
     out = []
     for r in rows:
@@ -224,6 +240,9 @@ def with_adapter_ids(params, ids):
     ``ids``: an int array [B] (``-1`` = base) or a sequence of names / indices / ``None``.
     Concrete ids are range-checked; traced ids (inside jit) are not (out of range = base).
     """
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"with_adapter_ids: ids must be a list or int array (one per batch "
+                        f"row), got {ids!r}; for one row pass [{ids!r}].")
     ms = _multis(params)
     names = ms[0].names
     if any(m.names != names for m in ms):

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from lora_jax.core import path_str
+from lora_jax.core import checks, path_str
 from lora_jax.lora import LoraWeight, is_adapter
 from lora_jax.variants.multi import (
     MultiLoraWeight,
@@ -53,9 +53,12 @@ def _check_names(names):
 def _same_base(x, ref) -> bool:
     if x is ref:
         return True
+    if jax.tree.structure(x) != jax.tree.structure(ref):      # kind, layout, block size
+        return False
     lx, lr = jax.tree.leaves(x), jax.tree.leaves(ref)
     return len(lx) == len(lr) and all(
-        a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(jnp.array_equal(a, b)))
+        a is b or (a.shape == b.shape and a.dtype == b.dtype
+                   and bool(jnp.array_equal(a, b, equal_nan=True)))
         for a, b in zip(lx, lr))
 
 
@@ -67,6 +70,7 @@ def check_adapters(adapters: Mapping[str, Any], what: str) -> dict:
     _check_names(names)
     flats, paths0 = {}, None
     for name in names:
+        checks.tree(what, f"adapter {name!r}", adapters[name])
         flat, _ = flat_adapters(adapters[name])
         for p, x in flat:
             if is_multi(x):
@@ -111,25 +115,22 @@ def _check_leaf(what, path, leaves: dict):
                              "(in_axes / stacked axes).")
 
 
-def _stack_leaf(path, leaves: list, names, *, pad_ranks: bool, rank: int | None):
+def _stack_leaf(path, leaves: list, names, *, pad_ranks: bool, what: str):
     ref = next(x for x in leaves if isinstance(x, LoraWeight))
     if ref.in_axes != tuple(range(ref.in_ndim)):
         raise ValueError(
-            f"stack_adapters: leaf {path!r} has input axes {ref.in_axes}; many-adapter batches "
+            f"{what}: leaf {path!r} has input axes {ref.in_axes}; many-adapter batches "
             "need the input axes first (the (in, out) layout). Exclude this leaf from lorafy's "
             "targets for multi-adapter serving.")
     ranks = tuple(x.rank if isinstance(x, LoraWeight) else 0 for x in leaves)
     present = sorted({r for r in ranks if r})
     if len(present) > 1 and not pad_ranks:
         raise ValueError(
-            f"stack_adapters: leaf {path!r} has ranks "
+            f"{what}: leaf {path!r} has ranks "
             f"{dict((n, r) for n, r in zip(names, ranks) if r)}; stacking needs one rank. "
             "Pass pad_ranks=True to zero-pad the smaller adapters (exact: the padding "
             "contributes nothing), or give them the same rank.")
-    rmax = max(present) if rank is None else rank
-    if rmax < max(present):
-        raise ValueError(f"stack_adapters: rank {rmax} < the largest rank {max(present)} "
-                         f"at leaf {path!r}.")
+    rmax = max(present)
     s = ref.stack_ndim
     a_list, b_list = [], []
     for x in leaves:
@@ -148,17 +149,17 @@ def _stack_leaf(path, leaves: list, names, *, pad_ranks: bool, rank: int | None)
         in_ndim=ref.in_ndim)
 
 
-def _stack(adapters: Mapping[str, Any], *, pad_ranks: bool, rank: int | None = None):
-    flats = check_adapters(adapters, "stack_adapters")
+def _stack(adapters: Mapping[str, Any], *, pad_ranks: bool, what: str = "stack_adapters"):
+    flats = check_adapters(adapters, what)
     names = tuple(adapters)
     out = []
     for i, (path, leaf0) in enumerate(flats[names[0]]):
         leaves = [flats[n][i][1] for n in names]
         if any(isinstance(x, LoraWeight) for x in leaves):
-            leaf0 = _stack_leaf(path, leaves, names, pad_ranks=pad_ranks, rank=rank)
+            leaf0 = _stack_leaf(path, leaves, names, pad_ranks=pad_ranks, what=what)
         out.append(leaf0)
     if not any(is_multi(x) for x in out):
-        raise ValueError("stack_adapters: no adapter holds a LoraWeight; lorafy() them first.")
+        raise ValueError(f"{what}: no adapter holds a LoraWeight; lorafy() them first.")
     return jax.tree_util.tree_unflatten(flat_adapters(adapters[names[0]])[1], out)
 
 
@@ -172,12 +173,21 @@ def stack_adapters(adapters: Mapping[str, Any], *, pad_ranks: bool = False):
     Adapters with different base weights raise ``ValueError`` naming the adapter.
     """
     if not isinstance(adapters, Mapping):
-        raise TypeError("stack_adapters: pass a mapping {name: lorafied params}.")
+        raise TypeError(f"stack_adapters: adapters must be a mapping {{name: lorafied params}}, "
+                        f"got {type(adapters).__name__}.")
+    checks.boolean("stack_adapters", "pad_ranks", pad_ranks)
     return _stack(adapters, pad_ranks=pad_ranks)
 
 
 def _all(params) -> dict:
     return {n: unstack_adapter(params, n) for n in adapter_names(params)}
+
+
+def _check_new(params, name: str, adapter, what: str) -> None:
+    """``adapter`` against the stacked tree's base first, so an error names it (not whichever
+    adapter happens to come first in the stack)."""
+    ref = "(the stacked tree)" if name != "(the stacked tree)" else "(stacked)"
+    check_adapters({ref: unstack_adapter(params, 0), name: adapter}, what)
 
 
 def set_adapter(params, name, adapter):
@@ -187,9 +197,10 @@ def set_adapter(params, name, adapter):
     static fields stay the same, so jitted functions do not recompile."""
     names = adapter_names(params)
     i = _index(names, name)
+    _check_new(params, names[i], adapter, "set_adapter")
     ad = _all(params)
     ad[names[i]] = adapter
-    out = _stack(ad, pad_ranks=True, rank=None)
+    out = _stack(ad, pad_ranks=True, what="set_adapter")
     # keep the padded rank of each leaf
     flat_new, treedef = flat_adapters(out)
     flat_old, _ = flat_adapters(params)
@@ -210,11 +221,15 @@ def set_adapter(params, name, adapter):
 def add_adapter(params, name: str, adapter, *, pad_ranks: bool = True):
     """A new stacked tree with ``adapter`` appended as ``name`` (N grows: retraces once)."""
     names = adapter_names(params)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"add_adapter: name must be a non-empty string, got {name!r}.")
     if name in names:
         raise ValueError(f"add_adapter: adapter {name!r} exists already; use set_adapter().")
+    checks.boolean("add_adapter", "pad_ranks", pad_ranks)
+    _check_new(params, name, adapter, "add_adapter")
     ad = _all(params)
     ad[name] = adapter
-    return _stack(ad, pad_ranks=pad_ranks)
+    return _stack(ad, pad_ranks=pad_ranks, what="add_adapter")
 
 
 def remove_adapter(params, name):
@@ -226,4 +241,4 @@ def remove_adapter(params, name):
                          "unstack_adapter / the base params instead.")
     ad = _all(params)
     del ad[names[i]]
-    return _stack(ad, pad_ranks=True)
+    return _stack(ad, pad_ranks=True, what="remove_adapter")

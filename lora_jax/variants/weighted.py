@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax.core import checks
 from lora_jax.lora import LoraWeight
 from lora_jax.variants.multi import adapter_names, is_multi, unstack_adapter
 from lora_jax.variants.stack import check_adapters, flat_adapters
@@ -41,6 +42,28 @@ def _flatten_layers(w: LoraWeight):
     return a, b, (S, I, O)
 
 
+def _check_args(adapters, weights, combination_type, svd_rank, svd_clamp, names) -> list:
+    """The weights as floats, after checking every argument (a NaN weight would silently
+    turn the combined adapter into NaN)."""
+    what = "add_weighted_adapter"
+    checks.tree(what, "adapters", adapters)
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise TypeError(f"{what}: weights must be a list of numbers, one per adapter, got "
+                        f"{type(weights).__name__}.")
+    ws = [checks.number(what, f"weights[{i}]", w, positive=False) for i, w in enumerate(weights)]
+    if combination_type not in ("cat", "svd", "linear"):
+        raise ValueError(f"{what}: combination_type {combination_type!r} is not supported; use "
+                         "'cat' (exact), 'svd' (truncated) or 'linear'.")
+    if svd_rank is not None:
+        checks.positive_int(what, "svd_rank", svd_rank)
+    if svd_clamp is not None and not 0 < checks.number(what, "svd_clamp", svd_clamp) <= 1:
+        raise ValueError(f"{what}: svd_clamp must be a quantile in (0, 1], got {svd_clamp!r}.")
+    if names is not None and (isinstance(names, (str, bytes)) or not all(
+            isinstance(n, str) for n in names)):
+        raise TypeError(f"{what}: names must be a list of adapter names, got {names!r}.")
+    return ws
+
+
 def add_weighted_adapter(adapters, weights: Sequence[float], *, combination_type: str = "svd",
                          svd_rank: int | None = None, svd_clamp: float | None = None,
                          names: Sequence[str] | None = None):
@@ -65,21 +88,15 @@ def add_weighted_adapter(adapters, weights: Sequence[float], *, combination_type
     by ``sqrt(rank)`` when it is set); ranks are per leaf (PEFT pads every module to
     the config-wide rank with zeros; the products are identical).
     """
+    ws = _check_args(adapters, weights, combination_type, svd_rank, svd_clamp, names)
     ad = _as_mapping(adapters, names)
-    ws = [float(w) for w in weights]
     if len(ws) != len(ad):
         raise ValueError(f"add_weighted_adapter: {len(ws)} weights for {len(ad)} adapters "
                          f"{list(ad)}.")
     if not ad:
         raise ValueError("add_weighted_adapter: no adapters given.")
-    if combination_type not in ("cat", "svd", "linear"):
-        raise ValueError(f"add_weighted_adapter: combination_type {combination_type!r} is not "
-                         "supported; use 'cat' (exact), 'svd' (truncated) or 'linear'.")
     if len(ad) == 1:
         combination_type = "linear"       # as PEFT: one adapter merges linearly
-    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
-        raise ValueError(
-            f"add_weighted_adapter: svd_rank must be a positive int, got {svd_rank!r}.")
     lists = check_adapters(ad, "add_weighted_adapter")
     flat, treedef = flat_adapters(ad[next(iter(ad))])
     out = []
