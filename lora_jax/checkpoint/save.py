@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from lora_jax.checkpoint.arrays import array_table, flat
@@ -80,6 +81,10 @@ def save_adapter(directory, params, *, step: int, opt_state=None,
         trees[OPT], tables[OPT] = array_table(flat(opt_state))
     meta = make_meta(step=step, lora=lora, quantization=quant_config(params),
                      base=base_fingerprint(params), arrays=tables, user=user)
+    if overwrite and (root / str(step)).exists() and jax.process_count() > 1:
+        raise ValueError(f"save_adapter: replacing the existing step {step} in {root} "
+                         "(overwrite=True) is not supported in a multi-process save; "
+                         "save another step.")
     old = set_aside(root, step) if root.is_dir() else None
     try:
         out = save_step(root, step, trees, meta)

@@ -26,6 +26,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+import jax
+
 from lora_jax.checkpoint.errors import CheckpointIntegrityError, limit
 from lora_jax.checkpoint.meta import load_meta
 from lora_jax.checkpoint.orbax_io import TRASH, root_dir
@@ -144,7 +146,10 @@ def set_aside(root: Path, step: int) -> Path | None:
 
 
 def prune(root: Path, keep: int | None) -> None:
-    """Delete the oldest complete steps beyond the newest ``keep`` (None: keep all)."""
+    """Delete the oldest complete steps beyond the newest ``keep`` (None: keep all).
+    Only the primary process deletes (every process of a multi-process save calls this)."""
+    if jax.process_index() != 0:
+        return
     complete, _ = scan_steps(root)
     if keep is not None:
         for s in complete[:-keep]:
