@@ -35,10 +35,12 @@ from lora_jax.variants import adapter_names
 from lora_jax.variants import add_adapter
 from lora_jax.variants import add_weighted_adapter
 from lora_jax.variants import dorafy
+from lora_jax.variants import loftq_init
 from lora_jax.variants import loraplus_labels
 from lora_jax.variants import loraplus_optimizer
 from lora_jax.variants import olora_init
 from lora_jax.variants import pissa_init
+from lora_jax.variants import pissa_to_lora
 from lora_jax.variants import remove_adapter
 from lora_jax.variants import set_adapter
 from lora_jax.variants import stack_adapters
@@ -109,6 +111,7 @@ __all__ = (
     "infer_layout",
     "interop",
     "is_quantized",
+    "loftq_init",
     "logical_specs",
     "lora",
     "lora_optimizer",
@@ -125,6 +128,7 @@ __all__ = (
     "opt_state_specs",
     "per_device_bytes",
     "pissa_init",
+    "pissa_to_lora",
     "plan_memory",
     "quantize",
     "read_adapter_metadata",

@@ -5,6 +5,8 @@ from lora_jax.variants.dora import dorafy
 from lora_jax.variants.dora import to_dora
 from lora_jax.variants.init import olora_init
 from lora_jax.variants.init import pissa_init
+from lora_jax.variants.init import pissa_to_lora
+from lora_jax.variants.loftq import loftq_init
 from lora_jax.variants.loraplus import loraplus_labels
 from lora_jax.variants.loraplus import loraplus_optimizer
 from lora_jax.variants.multi import MultiLoraWeight
@@ -26,10 +28,12 @@ __all__ = (
     "add_adapter",
     "add_weighted_adapter",
     "dorafy",
+    "loftq_init",
     "loraplus_labels",
     "loraplus_optimizer",
     "olora_init",
     "pissa_init",
+    "pissa_to_lora",
     "remove_adapter",
     "set_adapter",
     "stack_adapters",
