@@ -42,6 +42,7 @@ from lora_jax.variants import olora_init
 from lora_jax.variants import pissa_init
 from lora_jax.variants import pissa_to_lora
 from lora_jax.variants import remove_adapter
+from lora_jax.variants import safe_merge
 from lora_jax.variants import set_adapter
 from lora_jax.variants import stack_adapters
 from lora_jax.variants import to_dora
@@ -137,6 +138,7 @@ __all__ = (
     "remove_adapter",
     "restore_adapter",
     "restore_adapters",
+    "safe_merge",
     "save_adapter",
     "save_adapters",
     "set_adapter",

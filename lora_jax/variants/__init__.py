@@ -19,6 +19,7 @@ from lora_jax.variants.stack import remove_adapter
 from lora_jax.variants.stack import set_adapter
 from lora_jax.variants.stack import stack_adapters
 from lora_jax.variants.weighted import add_weighted_adapter
+from lora_jax.variants.weighted import safe_merge
 
 __all__ = (
     "DoraWeight",
@@ -35,6 +36,7 @@ __all__ = (
     "pissa_init",
     "pissa_to_lora",
     "remove_adapter",
+    "safe_merge",
     "set_adapter",
     "stack_adapters",
     "to_dora",

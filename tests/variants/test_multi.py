@@ -195,7 +195,7 @@ def test_weighted_combination_math(llama):
     with pytest.raises(ValueError, match="'linear' needs one rank"):
         add_weighted_adapter(ad, ws, combination_type="linear")
     with pytest.raises(ValueError, match="not supported"):
-        add_weighted_adapter(ad, ws, combination_type="ties")
+        add_weighted_adapter(ad, ws, combination_type="ties_linear")
     with pytest.raises(ValueError, match="3 weights for 2"):
         add_weighted_adapter({"fr": ad["fr"], "es": ad["es"]}, ws)
 
