@@ -72,6 +72,7 @@ from lora_jax.scale import plan_memory
 from lora_jax.scale import shard_params
 from lora_jax.interop import export_merged
 from lora_jax.interop import from_peft
+from lora_jax.interop import to_gguf_lora
 from lora_jax.interop import to_peft
 from lora_jax.interop import to_peft_adapters
 
@@ -147,6 +148,7 @@ __all__ = (
     "stack_adapters",
     "to_bnb_state",
     "to_dora",
+    "to_gguf_lora",
     "to_peft",
     "to_peft_adapters",
     "trainable_labels",

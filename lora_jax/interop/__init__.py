@@ -1,5 +1,6 @@
 """Other ecosystems: Hugging Face names, PEFT adapters, merged safetensors exports."""
 
+from lora_jax.interop.gguf_lora import to_gguf_lora
 from lora_jax.interop.hf_export import export_merged
 from lora_jax.interop.hf_names import HF_LLAMA_NAMES
 from lora_jax.interop.hf_names import LLAMA_MODULE_MAP
@@ -18,6 +19,7 @@ __all__ = (
     "is_llama_tree",
     "llama_from_hf",
     "llama_to_hf",
+    "to_gguf_lora",
     "to_peft",
     "to_peft_adapters",
 )
