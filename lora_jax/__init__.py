@@ -9,6 +9,8 @@ from lora_jax.core import MaterializationError
 from lora_jax.core import MaterializationWarning
 from lora_jax.core import register
 from lora_jax.lora import LoraWeight
+from lora_jax.lora import RankWarning
+from lora_jax.lora import Trainable
 from lora_jax.lora import combine
 from lora_jax.lora import count_params
 from lora_jax.lora import default_layout
@@ -16,6 +18,7 @@ from lora_jax.lora import infer_layout
 from lora_jax.lora import lora
 from lora_jax.lora import lora_optimizer
 from lora_jax.lora import lorafy
+from lora_jax.lora import mark_trainable
 from lora_jax.lora import merge
 from lora_jax.lora import register_dot_rule
 from lora_jax.lora import split
@@ -90,6 +93,8 @@ __all__ = (
     "MaterializationError",
     "MaterializationWarning",
     "MultiLoraWeight",
+    "RankWarning",
+    "Trainable",
     "QuantizedWeight",
     "TrainStep",
     "adapter_bytes",
@@ -119,6 +124,7 @@ __all__ = (
     "lora_optimizer",
     "lora_specs",
     "lorafy",
+    "mark_trainable",
     "loraplus_labels",
     "loraplus_optimizer",
     "make_train_step",

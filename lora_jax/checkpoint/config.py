@@ -64,19 +64,22 @@ def quant_config(params) -> dict:
     """Per quantized base leaf (a LoraWeight's w0 or a bare node): :func:`node_config`."""
     out = {}
     for path, x in flat(params, is_leaf=is_implicit):
-        node, where = (x.w0, f"{path}/w0") if is_adapter(x) else (x, path)
+        node, where = (getattr(x, "w0", None), f"{path}/w0") if is_adapter(x) else (x, path)
         if isinstance(node, ImplicitArray) and dataclasses.is_dataclass(node):
             out[where] = node_config(node)
     return out
 
 
 def lora_config(params) -> dict:
-    """Per adapter node: type, rank, static fields, dtype, ``<field>_shape`` per trainable field."""
+    """Per adapter node: type, rank, static fields, dtype, ``<field>_shape`` per trainable
+    field (a fully trained :class:`~lora_jax.Trainable` leaf: type, dtype, ``value_shape``)."""
     out = {}
     for path, x in flat(params, is_leaf=is_adapter):
         if is_adapter(x):
-            cfg = {"type": type(x).__name__, "rank": int(x.a.shape[-1]), **_static_fields(x),
-                   "dtype": dtype_name(x.a)}
+            first = getattr(x, type(x).trainable_fields[0])
+            cfg = {"type": type(x).__name__, **_static_fields(x), "dtype": dtype_name(first)}
+            if hasattr(x, "a"):
+                cfg["rank"] = int(x.a.shape[-1])
             for f in type(x).trainable_fields:
                 cfg[f"{f}_shape"] = [int(d) for d in getattr(x, f).shape]
             out[path] = _layout_as_in_axes(cfg)

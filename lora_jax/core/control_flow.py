@@ -69,17 +69,22 @@ def _scan_rule(eqn, invals, ctx):
     init = invals[n_consts:n_consts + n_carry]
     xs = invals[n_consts + n_carry:]
 
+    # Dropout: each iteration draws from its own key (one of ``split(next_key(), length)``).
+    keys = [jax.random.split(ctx.next_key(), p["length"])] if ctx.dropout else []
+
     def run(keep):
         def body(carry, x):
+            x, k = (x[:-1], x[-1]) if keys else (x, ctx.key)
             ctx.carry_names([*carry, *x], [*init, *xs])
-            outs = ctx.eval(jaxpr, jconsts, [*consts, *carry, *x])
+            with ctx.key_scope(k):
+                outs = ctx.eval(jaxpr, jconsts, [*consts, *carry, *x])
             # Stacked outputs may be nodes too: scan stacks their leaves (NNX returns
             # the scanned modules' state this way).
             return (outs[:n_carry], outs[n_carry:]) if keep else \
                 (_dense_outs(outs[:n_carry], ctx, "scan"), _dense_outs(outs[n_carry:], ctx, "scan"))
 
         start = init if keep else _dense_outs(init, ctx, "scan")
-        carry, ys = lax.scan(body, start, xs, length=p["length"], reverse=p["reverse"],
+        carry, ys = lax.scan(body, start, [*xs, *keys], length=p["length"], reverse=p["reverse"],
                              unroll=p.get("unroll", 1))
         return [*carry, *ys]
 

@@ -24,11 +24,14 @@ class ImplicitArray:
     sliced by ``lax.scan`` or batched by ``vmap`` still reports its own shape.
     ``trainable_fields`` names the fields an optimizer updates (adapter nodes:
     LoRA's ``a``, ``b``; DoRA adds ``m``); empty for frozen nodes (quantized bases).
+    A ``transparent`` node only marks an array (e.g. as trainable): the interpreter
+    replaces it by ``materialize()`` before tracing, so no rule ever sees it.
     """
 
     shape: tuple[int, ...]
     dtype: Any
     trainable_fields: ClassVar[tuple[str, ...]] = ()
+    transparent: ClassVar[bool] = False
 
     @property
     def ndim(self) -> int:

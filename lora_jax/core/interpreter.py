@@ -7,10 +7,15 @@ that touch no node are bound as they are; the others go to the rules of
 ``materialize()``: silently for frozen nodes (a quantized base is meant to be
 dequantized), with a :class:`MaterializationWarning` naming the parameter for
 nodes that have trainable fields (``strict=True`` raises instead).
+
+With ``dropout=p`` and a ``dropout_key=`` at call time, rules that support it
+(LoRA's ``dot_general`` and ``conv``) feed the adapter path a dropped-out input
+(:meth:`Context.drop`); the base path always sees the input as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -18,8 +23,9 @@ import warnings
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
-from lora_jax.core import compat
+from lora_jax.core import checks, compat
 from lora_jax.core.implicit import ImplicitArray, is_implicit
 from lora_jax.core.registry import rules_for
 from lora_jax.core.tree import path_str
@@ -52,11 +58,39 @@ class Context:
     came from, so messages name the parameter even after rules rebuilt it.
     """
 
-    def __init__(self, strict: bool, warned: set):
+    def __init__(self, strict: bool, warned: set, dropout: float = 0.0, key=None):
         self.strict = strict
         self.warned = warned            # shared by every call of one interpreted fn
         self.names: dict[int, tuple[object, str]] = {}
         self.reason: str | None = None
+        self.dropout = dropout if key is not None else 0.0
+        self.key, self.n_keys = key, 0
+
+    def next_key(self):
+        """``fold_in(dropout_key, k)`` for the k-th draw of this call (k = 0, 1, ...)."""
+        key = jax.random.fold_in(self.key, self.n_keys)
+        self.n_keys += 1
+        return key
+
+    def drop(self, x):
+        """``x`` with inverted dropout when training (a ``dropout_key`` was given): each
+        element kept with probability ``1 - p`` (``bernoulli(next_key(), 1 - p, x.shape)``)
+        and divided by ``1 - p``, the rest zero. Without a key, ``x`` itself."""
+        if not self.dropout:
+            return x
+        keep = 1.0 - self.dropout
+        mask = jax.random.bernoulli(self.next_key(), keep, x.shape)
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+    @contextlib.contextmanager
+    def key_scope(self, key):
+        """Draws inside use ``key`` (one loop iteration's), counted from 0."""
+        saved = self.key, self.n_keys
+        self.key, self.n_keys = key, 0
+        try:
+            yield
+        finally:
+            self.key, self.n_keys = saved
 
     def name(self, x) -> str:
         entry = self.names.get(id(x))
@@ -161,16 +195,33 @@ def _abstract(x):
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
 
 
-def interpret(fn: Callable | None = None, *, strict: bool = False) -> Callable:
+def _unwrap_transparent(tree):
+    return jax.tree.map(lambda x: x.materialize() if getattr(x, "transparent", False) else x,
+                        tree, is_leaf=is_implicit)
+
+
+def _dropout_key(kwargs: dict, dropout: float):
+    """Pop ``dropout_key`` (only when ``dropout`` is on: otherwise it is ``fn``'s own)."""
+    if not dropout:
+        return None
+    key = kwargs.pop("dropout_key", None)
+    if key is not None:
+        checks.prng_key("lora", "dropout_key", key)
+    return key
+
+
+def interpret(fn: Callable | None = None, *, strict: bool = False,
+              dropout: float = 0.0) -> Callable:
     """Transform ``fn`` so that implicit nodes in its arguments are applied lazily.
 
     Same signature and outputs as ``fn`` (nodes that ``fn`` returns come back as
     nodes). Arrays and nodes anywhere in the arguments are traced; other leaves
     (Python scalars, strings, functions) are static. Composes with ``jax.jit``,
-    ``grad``, ``vmap``, and nests.
+    ``grad``, ``vmap``, and nests. With ``dropout`` > 0 the result also takes a
+    keyword ``dropout_key=`` (see :meth:`Context.drop`); without it, no dropout.
     """
     if fn is None:
-        return functools.partial(interpret, strict=strict)
+        return functools.partial(interpret, strict=strict, dropout=dropout)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     cache: dict = {}
@@ -178,6 +229,8 @@ def interpret(fn: Callable | None = None, *, strict: bool = False) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        drop_key = _dropout_key(kwargs, dropout)
+        args, kwargs = _unwrap_transparent((args, kwargs))
         flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_implicit)
         leaves = [x for _, x in flat]
         if not any(is_implicit(x) for x in leaves):
@@ -208,7 +261,7 @@ def interpret(fn: Callable | None = None, *, strict: bool = False) -> Callable:
                     cache.clear()
                 cache[key] = hit
         closed, out_tree = hit
-        ctx = Context(strict, warned)
+        ctx = Context(strict, warned, dropout, drop_key)
         for i in dyn_pos:
             ctx.set_name(leaves[i], _arg_path(flat[i][0]))
         return jax.tree.unflatten(out_tree, eval_jaxpr(closed.jaxpr, closed.consts, dyn, ctx))

@@ -5,7 +5,9 @@
 (the format: :mod:`lora_jax.interop.peft_format`; loading one back:
 :func:`lora_jax.interop.from_peft`). Our leaf paths become HF module names through
 ``module_map`` (default :data:`~lora_jax.interop.LLAMA_MODULE_MAP`); a scanned
-leading layer axis [L] is unstacked into ``model.layers.{i}`` modules.
+leading layer axis [L] is unstacked into ``model.layers.{i}`` modules. DoRA trees
+(:class:`~lora_jax.variants.DoraWeight` on every adapted leaf) are written with
+``use_dora: true`` and each module's ``lora_magnitude_vector``, as PEFT saves them.
 
 Example:
     >>> import json, pathlib, tempfile, jax.numpy as jnp
@@ -38,12 +40,13 @@ from lora_jax.interop.peft_format import (
     has_tied_embeddings,
     is_adapter_dir,
     is_embedding,
+    magnitude_key,
     strip_params,
     write_adapter,
     write_adapter_files,
 )
 from lora_jax.lora import LoraWeight, lora_scale
-from lora_jax.variants import adapter_names, unstack_adapter
+from lora_jax.variants import DoraWeight, adapter_names, unstack_adapter
 
 __all__ = ["to_peft", "to_peft_adapters"]
 
@@ -57,10 +60,13 @@ class _Module(NamedTuple):
     rslora: bool
 
 
+def _is_node(x) -> bool:
+    return isinstance(x, (LoraWeight, DoraWeight))
+
+
 def _lora_leaves(params, module_map: Mapping[str, str]) -> list[tuple[str, LoraWeight]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, LoraWeight))
-    leaves = [(strip_params(path_str(p)), x) for p, x in flat if isinstance(x, LoraWeight)]
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)
+    leaves = [(strip_params(path_str(p)), x) for p, x in flat if _is_node(x)]
     if not leaves:
         raise ValueError("to_peft: params contain no LoraWeight (lorafy them first)")
     unknown = [p for p, _ in leaves if p not in module_map]
@@ -72,11 +78,18 @@ def _lora_leaves(params, module_map: Mapping[str, str]) -> list[tuple[str, LoraW
             "to_peft: LoRA on embed_tokens of a model with tied embeddings also changes the "
             "output head here, which a PEFT adapter cannot express (PEFT's embedding LoRA "
             "only affects the input lookup); exclude embed_tokens from the LoRA targets")
+    doras = sorted(p for p, x in leaves if isinstance(x, DoraWeight))
+    if doras and len(doras) != len(leaves):
+        raise ValueError(
+            f"to_peft: params mix DoRA leaves {doras[:3]} with plain LoRA leaves; PEFT's "
+            "use_dora applies to every module of an adapter. Make them all DoRA (to_dora) or "
+            "all LoRA (merge() the DoRA ones, or export them as a separate adapter).")
     return leaves
 
 
-def _per_layer(path: str, w: LoraWeight, template: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """``[(module name, a [in, r], b [r, out])]``: one per layer of a stacked leaf."""
+def _per_layer(path: str, w, template: str) -> list[tuple]:
+    """``[(module name, a [in, r], b [r, out], m [out] or None)]``: one per layer of a
+    stacked leaf (m: a DoraWeight's magnitude)."""
     if w.a is None or w.b is None:
         raise ValueError(f"to_peft: LoRA leaf {path!r} has no a/b (a frozen half of split?)")
     if w.in_ndim != 1:
@@ -89,17 +102,21 @@ def _per_layer(path: str, w: LoraWeight, template: str) -> list[tuple[str, np.nd
         need = "needs {i}" if s else "must not have {i}"
         raise ValueError(f"to_peft: leaf {path!r} has {s} stacked axes; its module name "
                          f"{template!r} {need}")
+    m = np.asarray(jax.device_get(w.m)) if isinstance(w, DoraWeight) else None
     if s == 0:
-        return [(template, a, b)]
-    return [(template.format(i=i), a[i], b[i]) for i in range(a.shape[0])]
+        return [(template, a, b, m)]
+    return [(template.format(i=i), a[i], b[i], None if m is None else m[i])
+            for i in range(a.shape[0])]
 
 
 def _tensors(leaves, module_map) -> tuple[dict[str, np.ndarray], list[_Module]]:
     tensors, modules = {}, []
     for path, w in leaves:
-        for name, a, b in _per_layer(path, w, module_map[path]):
+        for name, a, b, m in _per_layer(path, w, module_map[path]):
             key_a, key_b = factor_keys(name, is_embedding(path))
             tensors[key_a], tensors[key_b] = a.T, b.T          # [r, in], [out, r]
+            if m is not None:
+                tensors[magnitude_key(name)] = m               # [out]
             modules.append(_Module(name, int(w.rank), float(w.alpha), bool(w.rslora)))
     return tensors, modules
 
@@ -154,8 +171,11 @@ def _config(modules: list[_Module], base_model_name_or_path: str | None) -> dict
 def _adapter(params, base_model_name_or_path, module_map) -> tuple[dict, dict]:
     """``(tensors, adapter_config)`` of one adapter."""
     module_map = dict(LLAMA_MODULE_MAP if module_map is None else module_map)
-    tensors, modules = _tensors(_lora_leaves(params, module_map), module_map)
-    return tensors, _config(modules, base_model_name_or_path)
+    leaves = _lora_leaves(params, module_map)
+    tensors, modules = _tensors(leaves, module_map)
+    config = _config(modules, base_model_name_or_path)
+    config["use_dora"] = isinstance(leaves[0][1], DoraWeight)
+    return tensors, config
 
 
 def to_peft(params, out_dir: PathLike, *, base_model_name_or_path: str | None = None,

@@ -2,7 +2,8 @@
 
 An adapter directory holds ``adapter_model.safetensors`` and ``adapter_config.json``.
 Keys are ``base_model.model.<HF module>.lora_A.weight`` [r, in] and ``.lora_B.weight``
-[out, r] (embeddings: ``lora_embedding_A`` [r, V], ``lora_embedding_B`` [D, r]);
+[out, r] (embeddings: ``lora_embedding_A`` [r, V], ``lora_embedding_B`` [D, r]); with
+``use_dora`` also ``.lora_magnitude_vector`` [out] (embeddings: [D]), DoRA's ``m``;
 PEFT computes ``W + scaling * B @ A`` with ``scaling = lora_alpha / r`` (``/ sqrt(r)``
 with ``use_rslora``), per module ``rank_pattern`` / ``alpha_pattern`` overriding
 ``r`` / ``lora_alpha``. Ours is ``w0 + scale * a @ b`` with ``a = A.T`` and ``b = B.T``.
@@ -29,7 +30,8 @@ from lora_jax.checkpoint import read_json, read_safetensors, replace_dir, write_
 from lora_jax.lora import lora_scale
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "PREFIX", "PeftConfig", "alpha_for_scale", "factor_keys",
-           "has_tied_embeddings", "is_adapter_dir", "is_embedding", "parse_key", "read_adapter",
+           "has_tied_embeddings", "is_adapter_dir", "is_embedding", "magnitude_key", "parse_key",
+           "read_adapter",
            "strip_params", "write_adapter", "write_adapter_files"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -39,7 +41,7 @@ ADAPTER_DIR_FILES = frozenset({ADAPTER_FILE, CONFIG_FILE, "README.md"})
 PREFIX = "base_model.model."
 _KEY_RE = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
-    r"|base_layer\.weight)$"
+    r"|lora_magnitude_vector(?:\.weight)?|base_layer\.weight)$"
 )
 
 
@@ -63,13 +65,21 @@ def factor_keys(module: str, embedding: bool) -> tuple[str, str]:
     return f"{PREFIX}{module}.{a}", f"{PREFIX}{module}.{b}"
 
 
+def magnitude_key(module: str) -> str:
+    """The key of ``module``'s DoRA magnitude, as PEFT's ``save_pretrained`` writes it."""
+    return f"{PREFIX}{module}.lora_magnitude_vector"
+
+
 def parse_key(key: str) -> tuple[str, str] | None:
-    """``(module, "A" | "B" | "base")`` of an adapter tensor key, None if not one."""
+    """``(module, "A" | "B" | "M" | "base")`` of an adapter tensor key (M: DoRA's
+    magnitude), None if not one."""
     k = key[len(PREFIX):] if key.startswith(PREFIX) else key
     m = _KEY_RE.match(k.replace(".default.", "."))  # adapter-name-qualified keys, if any
     if not m:
         return None
     kind = m.group("kind")
+    if kind.startswith("lora_magnitude_vector"):
+        return m.group("module"), "M"
     return m.group("module"), "base" if kind == "base_layer.weight" else kind.split(".")[0][-1]
 
 
@@ -97,6 +107,7 @@ class PeftConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     target_modules: Any = None
     layers_to_transform: tuple[int, ...] | None = None
+    use_dora: bool = False
 
     def rank(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))
@@ -124,8 +135,6 @@ class PeftConfig:
 
 def _unsupported(cfg: dict) -> list[str]:
     out = []
-    if cfg.get("use_dora"):
-        out.append("use_dora=True")
     if cfg.get("fan_in_fan_out"):
         out.append("fan_in_fan_out=True")
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
@@ -151,6 +160,7 @@ _KEY_TYPES = {
     "r": (lambda v: _is_int(v) and v > 0, "a positive int"),
     "lora_alpha": (_is_num, "a number"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "rank_pattern": (lambda v: isinstance(v, dict) and all(
         isinstance(k, str) and _is_int(x) and x > 0 for k, x in v.items()),
         "an object of positive ints"),
@@ -186,7 +196,7 @@ def _config(cfg: dict, where: Path | str = CONFIG_FILE) -> PeftConfig:
     layers = cfg.get("layers_to_transform")
     return PeftConfig(
         r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
-        use_rslora=bool(cfg.get("use_rslora", False)),
+        use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
         rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
         target_modules=cfg.get("target_modules"),
         layers_to_transform=None if layers is None else tuple(np.atleast_1d(layers).tolist()))

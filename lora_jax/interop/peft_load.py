@@ -4,8 +4,11 @@ Each adapter module is matched to one of our leaves through ``module_map`` (``{i
 the index along the stacked layer axis); its factors become ``a = A.T`` [in, r] and
 ``b = B.T`` [r, out], in a :class:`~lora_jax.LoraWeight` over the leaf. Layers whose
 ranks or alphas differ are zero-padded to the largest rank with each layer's scale
-folded into its ``b`` (exact). Everything is checked: unknown keys, modules the config
-targets without tensors, an A without its B, shapes.
+folded into its ``b`` (exact). With ``use_dora`` the leaf becomes a
+:class:`~lora_jax.variants.DoraWeight` whose ``m`` is PEFT's ``lora_magnitude_vector``
+(one per output feature; an untouched layer of a stacked leaf gets its norm, i.e. the
+base). Everything is checked: unknown keys, modules the config targets without
+tensors, an A without its B, a DoRA adapter without its magnitude, shapes.
 
 Example:
     >>> params = from_peft("adapters/sst2", base_params)   # doctest: +SKIP
@@ -34,6 +37,7 @@ from lora_jax.interop.peft_format import (
     strip_params,
 )
 from lora_jax.lora import LoraWeight
+from lora_jax.variants import DoraWeight, to_dora
 
 __all__ = ["from_peft"]
 
@@ -45,6 +49,7 @@ class _Factors(NamedTuple):
     scale: float
     rank: int
     alpha: float
+    m: np.ndarray | None = None
 
 
 def _group(raw: Mapping[str, np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
@@ -83,14 +88,23 @@ def _plan(module_map, leaves: dict, found, keys: dict, cfg: PeftConfig) -> dict:
     unknown = [k for m in [None, *sorted(set(found) - claimed)] for k in keys.get(m, [])]
     missing += [f"{m}.lora_{'B' if 'A' in parts else 'A'}" for m, parts in found.items()
                 if m in claimed and ("A" in parts) != ("B" in parts)]
+    # DoRA: every adapted module has a magnitude exactly when the config says use_dora
+    missing += [f"{m}.lora_magnitude_vector" for m, parts in found.items()
+                if m in claimed and cfg.use_dora and "A" in parts and "M" not in parts]
+    unknown += [k for m, parts in found.items() if m in claimed and not cfg.use_dora
+                and "M" in parts for k in keys.get(m, []) if "lora_magnitude_vector" in k]
     if unknown or missing:
         raise ValueError(f"from_peft: adapter does not match the params: "
                          f"unknown keys={sorted(unknown)} missing={sorted(missing)}")
     return plan
 
 
+def _is_node(x) -> bool:
+    return isinstance(x, (LoraWeight, DoraWeight))
+
+
 def _in_axes(leaf) -> tuple[int, ...]:
-    in_axes = leaf.in_axes if isinstance(leaf, LoraWeight) else (0,)
+    in_axes = leaf.in_axes if _is_node(leaf) else (0,)
     if len(in_axes) != 1:
         raise ValueError(f"from_peft: a LoraWeight with in_axes={in_axes} has no PEFT form; "
                          "PEFT factors have one input axis.")
@@ -99,7 +113,7 @@ def _in_axes(leaf) -> tuple[int, ...]:
 
 def _base(path: str, leaf, parts: list[dict], stacked: bool):
     """The leaf's base weight; PEFT's saved ``base_layer`` weight replaces it, as in PEFT."""
-    base = leaf.w0 if isinstance(leaf, LoraWeight) else leaf
+    base = leaf.w0 if _is_node(leaf) else leaf
     saved = [p["base"] for p in parts if "base" in p]
     if not saved:
         return base
@@ -112,7 +126,7 @@ def _base(path: str, leaf, parts: list[dict], stacked: bool):
     if tuple(bw.shape) != tuple(base.shape):
         raise ValueError(f"from_peft: base_layer weight for {path!r} has shape {bw.shape}, "
                          f"expected {base.shape}")
-    if isinstance(leaf, LoraWeight) and not isinstance(leaf.w0, jax.Array):
+    if _is_node(leaf) and not isinstance(leaf.w0, jax.Array):
         raise ValueError(f"from_peft: cannot replace the non-array base of {path!r}")
     return jnp.asarray(bw, base.dtype)
 
@@ -127,7 +141,12 @@ def _factors(mod: str, parts: dict, cfg: PeftConfig, io_shape: tuple) -> _Factor
     if (a.shape[0], b.shape[1]) != io_shape:
         raise ValueError(f"from_peft: {mod}: factors give a {a.shape[0]}x{b.shape[1]} update, "
                          f"the weight is {io_shape} (in, out)")
-    return _Factors(a, b, cfg.scale(mod, r), r, cfg.alpha_of(mod))
+    m = parts.get("M")
+    if m is not None and tuple(m.shape) != (io_shape[1],):
+        raise ValueError(f"from_peft: {mod}: lora_magnitude_vector has shape {m.shape}, the "
+                         f"weight has {io_shape[1]} output features")
+    return _Factors(a, b, cfg.scale(mod, r), r, cfg.alpha_of(mod),
+                    None if m is None else m.astype(np.float32))
 
 
 def _check_layers(path: str, per_layer: dict, n_layers: int, cfg: PeftConfig) -> None:
@@ -174,8 +193,17 @@ def _new_leaf(path: str, leaf, mods, found, cfg: PeftConfig, stacked: bool, dtyp
     if not stacked:
         a, b = a[0], b[0]
     out_dtype = dtype or (base.dtype if jnp.issubdtype(base.dtype, jnp.floating) else jnp.float32)
-    return LoraWeight(w0=base, a=jnp.asarray(a, out_dtype), b=jnp.asarray(b, out_dtype),
-                      alpha=float(alpha), rslora=cfg.use_rslora, in_axes=in_axes)
+    lw = LoraWeight(w0=base, a=jnp.asarray(a, out_dtype), b=jnp.asarray(b, out_dtype),
+                    alpha=float(alpha), rslora=cfg.use_rslora, in_axes=in_axes)
+    if not cfg.use_dora:
+        return lw
+    # m = ||V|| (factor 1) first, for layers the adapter leaves alone; then PEFT's magnitudes.
+    m = np.array(to_dora({"w": lw})["w"].m, np.float32).reshape(n_layers, -1)
+    for i, e in per_layer.items():
+        m[i] = e.m
+    m = m.reshape(tuple(base.shape)[:1] + (-1,) if stacked else (-1,))
+    return DoraWeight(lw.w0, lw.a, lw.b, jnp.asarray(m, out_dtype), alpha=lw.alpha,
+                      rslora=lw.rslora, in_axes=in_axes)
 
 
 def from_peft(adapter_dir: str | os.PathLike, params, *,
@@ -183,19 +211,19 @@ def from_peft(adapter_dir: str | os.PathLike, params, *,
     """Load a PEFT LoRA adapter onto ``params`` (our tree, plain or already lorafied).
 
     Returns ``params`` with a :class:`LoraWeight` on every adapted leaf (``r``,
-    ``lora_alpha``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern`` honoured).
+    ``lora_alpha``, ``use_rslora``, ``rank_pattern`` and ``alpha_pattern`` honoured; a
+    :class:`~lora_jax.variants.DoraWeight` with ``use_dora``).
     Leaves that are LoraWeight already get the adapter's factors (their ``w0`` and
     layout are kept).
 
     Raises ``ValueError`` listing unknown adapter keys, missing keys (modules the config
     targets without tensors, a missing A or B, a layer without factors), or
-    unsupported options (DoRA, LoRA biases, ``modules_to_save``, ``fan_in_fan_out``).
+    unsupported options (LoRA biases, ``modules_to_save``, ``fan_in_fan_out``).
     """
     cfg, raw = read_adapter(Path(adapter_dir))
     found, keys = _group(raw)
     module_map = dict(LLAMA_MODULE_MAP if module_map is None else module_map)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, LoraWeight))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)
     leaves = {strip_params(path_str(p)): x for p, x in flat}
     plan = _plan(module_map, leaves, found, keys, cfg)
     if has_tied_embeddings(params) and any(is_embedding(p) for p in plan):
@@ -203,7 +231,7 @@ def from_peft(adapter_dir: str | os.PathLike, params, *,
                          "embeddings here (it would also change the output head, unlike in PEFT)")
     new = {path: _new_leaf(path, leaves[path], mods, found, cfg, "{i}" in module_map[path], dtype)
            for path, mods in plan.items()}
-    stale = sorted(p for p, x in leaves.items() if isinstance(x, LoraWeight) and p not in new)
+    stale = sorted(p for p, x in leaves.items() if _is_node(x) and p not in new)
     if stale:
         raise ValueError(f"from_peft: params have LoraWeight leaves the adapter does not cover: "
                          f"{stale}; pass base params or lora_jax.merge(params)")

@@ -2,6 +2,7 @@
 
 from lora_jax.core import MaterializationError
 from lora_jax.core import MaterializationWarning
+from lora_jax.lora.factors import RankWarning
 from lora_jax.lora.infer import infer_layout
 from lora_jax.lora.infer import layouts_for
 from lora_jax.lora.infer import weight_usage
@@ -18,6 +19,8 @@ from lora_jax.lora.train import lora_optimizer
 from lora_jax.lora.train import split
 from lora_jax.lora.train import trainable_labels
 from lora_jax.lora.train import trainable_mask
+from lora_jax.lora.trainable import Trainable
+from lora_jax.lora.trainable import mark_trainable
 from lora_jax.lora.transform import lora
 from lora_jax.lora.transform import register_dot_rule
 from lora_jax.lora.weight import AdapterNode
@@ -34,6 +37,8 @@ __all__ = (
     "LoraWeight",
     "MaterializationError",
     "MaterializationWarning",
+    "RankWarning",
+    "Trainable",
     "check_node",
     "combine",
     "count_params",
@@ -48,6 +53,7 @@ __all__ = (
     "lora_scale",
     "looks_like_factors",
     "lorafy",
+    "mark_trainable",
     "merge",
     "normalize_layout",
     "register_dot_rule",

@@ -198,6 +198,7 @@ def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=N
     def default(path, leaf):
         return (path in used and not used[path][1] and is_float_array(leaf)
                 and len(leaf.shape) >= 2)
+    layout_of.gathered = frozenset(p for p, (_, g) in used.items() if g)   # embedding tables
     return layout_of, default
 
 

@@ -23,26 +23,26 @@ Example:
 
 from __future__ import annotations
 
-import math
 import re
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from lora_jax.core import (
     Targets,
     checks,
     is_float_array,
     is_implicit,
+    leaf_name,
     path_str,
     select_leaves,
 )
+from lora_jax.lora.factors import RankWarning, check_init, init_factors
 from lora_jax.lora.infer import layouts_for
 from lora_jax.lora.layout import LayoutSpec, check_layout_spec
+from lora_jax.lora.trainable import Trainable, trainable_paths, wrap_paths
 from lora_jax.lora.weight import LoraWeight
-
-_INITS = ("kaiming", "gaussian")
 
 
 def _pattern_value(pattern: Mapping[re.Pattern, Any], path: str, default):
@@ -90,7 +90,7 @@ def _check_args(params, rank, alpha, key, rslora, init, dtype, layout, fn, args,
     if key is not None:
         checks.prng_key("lorafy", "key", key)
     checks.boolean("lorafy", "rslora", rslora)
-    checks.one_of("lorafy", "init", init, _INITS)
+    check_init("lorafy", init)
     checks.floating_dtype("lorafy", "dtype", dtype)
     check_layout_spec("lorafy", layout)
     checks.callable_or_none("lorafy", "fn", fn)
@@ -113,38 +113,48 @@ def _unused_patterns(chosen, **patterns) -> None:
                                  f"targets are {paths[:6]}. Fix the regex or drop the entry.")
 
 
-def _factors(k, leaf, path, r, lay, init, dtype):
-    """A [*S, *I, r] (Kaiming-uniform or Gaussian) and B [*S, r, *O] (zeros)."""
-    s, in_axes = lay
-    shape = tuple(leaf.shape)
-    rest = shape[s:]
-    i_shape = tuple(rest[j] for j in in_axes)
-    o_shape = tuple(d for j, d in enumerate(rest) if j not in in_axes)
-    fan_in, fan_out = math.prod(i_shape), math.prod(o_shape)
-    if r > min(fan_in, fan_out):
-        raise ValueError(
-            f"rank {r} exceeds min(in={fan_in}, out={fan_out}) of leaf {path!r} (shape {shape}, "
-            f"stacked axes {s}, input axes {in_axes}); lower rank or give this leaf one via "
-            "rank_pattern (if the input/output split looks wrong, pass fn= and args=).")
-    if init == "kaiming":
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(k, (*shape[:s], *i_shape, r), jnp.float32, -bound, bound)
-    else:
-        a = jax.random.normal(k, (*shape[:s], *i_shape, r), jnp.float32) / r
-    return a.astype(dtype), jnp.zeros((*shape[:s], r, *o_shape), dtype)
+def _lora_targets(params, targets, trainable, default) -> tuple[list, set]:
+    """The LoRA targets and the paths trained in full; a leaf cannot be both. With the
+    default targets, trainable leaves are simply not LoRA targets (as PEFT skips a
+    ``modules_to_save`` module when it injects LoRA)."""
+    full = set() if trainable is None else trainable_paths(params, trainable, "lorafy")
+    chosen = [e for e in select_leaves(params, targets, what="lorafy", default=default)
+              if not (targets is None and e[0] in full)]
+    both = [p for p, _, _ in chosen if p in full]
+    if both:
+        raise ValueError(f"lorafy: leaf {both[0]!r} is both a LoRA target and trainable; a leaf "
+                         "is either adapted or trained in full. Drop it from targets or from "
+                         "trainable.")
+    if not chosen:
+        raise ValueError("lorafy: every default target is marked trainable, so no leaf is "
+                         "left for LoRA; pass targets=.")
+    return chosen, full
+
+
+def _warn_rank(too_big: list[tuple[str, int]]) -> None:
+    if too_big:
+        ranks = sorted({r for _, r in too_big})
+        warnings.warn(
+            f"lorafy: rank {', '.join(map(str, ranks))} exceeds min(in, out) of "
+            f"{[p for p, _ in too_big][:4]}; "
+            "accepted, as PEFT does, but the update's rank is at most min(in, out), so the "
+            "extra rank only adds parameters. Lower the rank or set one per leaf with "
+            "rank_pattern.", RankWarning, stacklevel=3)
 
 
 def lorafy(params, rank: int = 8, *, alpha: float | None = None, targets: Targets = None,
            key: jax.Array | None = None, rank_pattern: Mapping[str, int] | None = None,
            alpha_pattern: Mapping[str, float] | None = None, rslora: bool = False,
-           init: str = "kaiming", layout: LayoutSpec = None, dtype=None,
-           fn: Callable | None = None, args: tuple = (), kwargs: Mapping[str, Any] | None = None):
+           init: str | bool = "kaiming", layout: LayoutSpec = None, dtype=None,
+           fn: Callable | None = None, args: tuple = (), kwargs: Mapping[str, Any] | None = None,
+           trainable: Targets = None):
     """Return ``params`` with targeted leaves replaced by :class:`LoraWeight` nodes.
 
     Args:
       params: any pytree of arrays: a Flax variables/params dict, an NNX State, a
         haiku params dict, an Equinox module (QuantizedWeight leaves may be targeted too).
-      rank: LoRA rank r (> 0, <= min(in, out) of every target).
+      rank: LoRA rank r (> 0). A rank above min(in, out) of a target is accepted, as in
+        PEFT, with one :class:`RankWarning` per call naming the leaves.
       alpha: scale numerator; ``scale = alpha / r`` (``alpha / sqrt(r)`` if ``rslora``).
         Defaults to ``rank`` (scale 1), as the LoRA paper fixes alpha to the first r tried.
       targets: ``None`` = with ``fn``, every floating leaf with ndim >= 2 that ``fn``
@@ -154,14 +164,21 @@ def lorafy(params, rank: int = 8, *, alpha: float | None = None, targets: Target
         match), or ``predicate(path, leaf) -> bool``.
       key: PRNG key for A's init (default ``jax.random.key(0)``).
       rank_pattern / alpha_pattern: ``{regex: value}`` per-target overrides, first match wins.
-      init: ``"kaiming"`` (PEFT's default: A ~ U(+-1/sqrt(fan_in))) or ``"gaussian"``
-        (A ~ N(0, 1/r^2), PEFT's ``init_lora_weights="gaussian"``). B is always zero.
+      init: PEFT's ``init_lora_weights``: ``"kaiming"``/``True`` (default: A ~
+        U(+-1/sqrt(fan_in)), B = 0), ``"gaussian"`` (A ~ N(0, 1/r^2), B = 0),
+        ``"orthogonal"`` (both nonzero, A @ B = 0; even rank) or ``False`` (both random:
+        B != 0). Embedding tables get PEFT's embedding init (vocabulary-side factor zero,
+        the other N(0, 1)). See :mod:`lora_jax.lora.factors`.
       layout: ``{regex or path: (stack_ndim, in_axes)}`` or ``callable(path, leaf)``;
         overrides what ``fn`` shows (see :mod:`lora_jax.lora.layout`).
       dtype: dtype of A and B (default: the weight's dtype).
       fn, args, kwargs: the function that uses ``params`` as ``fn(params, *args, **kwargs)``
         and example inputs; it is traced abstractly (no FLOPs) to read each weight's
         layout, so the factors are PEFT's: A on the input side, B (zero) on the output side.
+      trainable: leaves to train in full next to the adapters (PEFT's ``modules_to_save``:
+        a classification head, norms, an embedding with new tokens), picked like
+        ``targets``; they become :class:`Trainable` nodes. With the default targets they
+        are not LoRA targets; a leaf named by both targets and trainable is refused.
     """
     _check_args(params, rank, alpha, key, rslora, init, dtype, layout, fn, args, kwargs)
     rank_pattern = checks.pattern_map("lorafy", "rank_pattern", rank_pattern, _pattern_rank)
@@ -169,22 +186,29 @@ def lorafy(params, rank: int = 8, *, alpha: float | None = None, targets: Target
     key = jax.random.key(0) if key is None else key
     layout_of, default = layouts_for(params, layout=layout, fn=fn, args=args, kwargs=kwargs,
                                      what="lorafy", require_use=True)
-    chosen = select_leaves(params, targets, what="lorafy", default=default)
+    chosen, full = _lora_targets(params, targets, trainable, default)
     _unused_patterns(chosen, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    replace = {}
+    gathered = getattr(layout_of, "gathered", frozenset())
+    replace, too_big = {}, []
     for k, (path, _, leaf) in zip(jax.random.split(key, len(chosen)), chosen):
-        if isinstance(leaf, LoraWeight):
-            raise ValueError(f"lorafy: leaf {path!r} is already a LoraWeight; merge() it first.")
+        if isinstance(leaf, (LoraWeight, Trainable)):
+            raise ValueError(f"lorafy: leaf {path!r} is already a {type(leaf).__name__}; "
+                             "merge() it first.")
         _check_target(path, leaf)
         r, alpha_ = _rank_alpha(path, rank, alpha, rank_pattern, alpha_pattern)
         lay = layout_of(path, leaf)
-        a, b = _factors(k, leaf, path, r, lay, init, dtype or leaf.dtype)
+        embedding = path in gathered or (fn is None and leaf_name(path) == "embedding")
+        a, b, big = init_factors(k, tuple(leaf.shape), r, lay, init, dtype or leaf.dtype,
+                                 embedding=embedding, path=path)
+        if big:
+            too_big.append((path, r))
         replace[path] = LoraWeight(leaf, a, b, alpha=alpha_, rslora=bool(rslora), in_axes=lay[1])
+    _warn_rank(too_big)
 
     def swap(kp, leaf):
         return replace.get(path_str(kp), leaf)
 
-    return jax.tree_util.tree_map_with_path(swap, params, is_leaf=is_implicit)
+    return wrap_paths(jax.tree_util.tree_map_with_path(swap, params, is_leaf=is_implicit), full)
 
 
 def merge(params):

@@ -9,6 +9,8 @@
 * ``gather`` of rows (embedding lookup): rows of A (or Bᵀ), then the other factor.
 * ``transpose`` / ``reshape`` / stacked-axis ``slice``/``squeeze``/``dynamic_slice``:
   a new LoraWeight.
+With ``lora(fn, dropout=p)`` the dot and conv rules drop out the adapter's input
+(``ctx.drop``), never the base path's.
 W0 always enters under ``stop_gradient``: it is frozen by construction.
 """
 
@@ -70,13 +72,15 @@ def dot_rule(eqn, invals, ctx):
     a_l = [*wl[:s], *(wl[p] for p in ins), r]
     b_l = [*wl[:s], r, *(wl[p] for p in outs)]
     (first, fl), (second, sl) = ((w.a, a_l), (w.b, b_l))
-    if set(wc) <= set(outs) and not set(wc) <= set(ins):
-        (first, fl), (second, sl) = (second, sl), (first, fl)
+    if set(wc) <= set(outs) and not set(wc) <= set(ins):   # a tied embedding's attend
+        (first, fl), (second, sl), x_ad = (second, sl), (first, fl), x
+    else:
+        x_ad = ctx.drop(x)                                  # lora_dropout: adapter input only
     precision = eqn.params.get("precision")
     contracted = {wl[p] for p in wc}
     t_l = [lab for lab in xl if lab not in contracted]
     t_l += [lab for lab in fl if lab not in xl]
-    t = _einsum(x, xl, first.astype(x.dtype), fl, t_l, precision=precision)
+    t = _einsum(x_ad, xl, first.astype(x.dtype), fl, t_l, precision=precision)
     t = t * jnp.asarray(w.scale, t.dtype)
     delta = _einsum(t, t_l, second.astype(x.dtype), sl, out, precision=precision,
                     preferred_element_type=eqn.params.get("preferred_element_type"))
@@ -102,7 +106,7 @@ def _conv_rule(eqn, invals, ctx):
     a_spec = (nd - 1, *(a_axis[ax] for ax in dn.rhs_spec[1:]))
     common = dict(precision=p.get("precision"))
     t = lax.conv_general_dilated(
-        x, w.a.astype(x.dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
+        ctx.drop(x), w.a.astype(x.dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
         p["rhs_dilation"], lax.ConvDimensionNumbers(dn.lhs_spec, a_spec, dn.out_spec), **common)
     t = t * jnp.asarray(w.scale, t.dtype)
     # B is a 1x1 conv from r to out features in the kernel layout of the eqn.

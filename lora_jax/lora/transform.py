@@ -20,7 +20,7 @@ from lora_jax.core import checks, interpret, register
 from lora_jax.lora import rules as _rules  # noqa: F401  (registers LoraWeight's rules)
 
 
-def lora(fn: Callable | None = None, *, strict: bool = False) -> Callable:
+def lora(fn: Callable | None = None, *, strict: bool = False, dropout: float = 0.0) -> Callable:
     """Transform ``fn`` so that LoRA weights in its arguments are applied lazily.
 
     Same signature and outputs as ``fn``. Arrays and nodes anywhere in the
@@ -34,10 +34,34 @@ def lora(fn: Callable | None = None, *, strict: bool = False) -> Callable:
       fn: any JAX-traceable function (a Flax ``apply``, an NNX/Equinox model
         through its functional split, plain jnp code).
       strict: raise :class:`MaterializationError` instead of warning.
+      dropout: PEFT's ``lora_dropout``: the probability p of zeroing an element of
+        the adapter's input, ``W0 x + s * B A dropout(x)`` (the base path never drops).
+        With p > 0 the transformed function takes a keyword ``dropout_key=`` (a PRNG
+        key): pass it when training; without it (evaluation) nothing is dropped. The
+        k-th adapted ``dot_general``/``conv`` of a call (k = 0, 1, ...) keeps each element
+        of its input where ``jax.random.bernoulli(fold_in(dropout_key, k), 1 - p,
+        x.shape)`` and scales it by ``1 / (1 - p)``; a scanned body draws each
+        iteration's key from ``split(fold_in(dropout_key, k), length)``. Embedding
+        lookups have no dropout, as in PEFT.
+
+    Example (dropout):
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax import lorafy
+        >>> w = lorafy({"w": jnp.ones((5, 7))}, rank=2, targets="w", init=False)["w"]
+        >>> f = lora(lambda w, x: x @ w, dropout=0.5)
+        >>> x = jnp.ones((3, 5))
+        >>> bool((f(w, x) == lora(lambda w, x: x @ w)(w, x)).all())   # eval: no dropout
+        True
+        >>> bool((f(w, x, dropout_key=jax.random.key(1)) != f(w, x)).any())
+        True
     """
     checks.callable_or_none("lora", "fn", fn)
     checks.boolean("lora", "strict", strict)
-    return interpret(fn, strict=strict)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora: dropout must be a number in [0, 1), got {dropout!r}; it is "
+                         "the probability of dropping an adapter input element (e.g. 0.05).")
+    return interpret(fn, strict=strict, dropout=float(dropout))
 
 
 def register_dot_rule(node_type: type, rule: Callable) -> None:

@@ -2,6 +2,7 @@
 
 from lora_jax.variants.dora import DoraWeight
 from lora_jax.variants.dora import dorafy
+from lora_jax.variants.dora import gram_norm
 from lora_jax.variants.dora import to_dora
 from lora_jax.variants.init import olora_init
 from lora_jax.variants.init import pissa_init
@@ -9,6 +10,8 @@ from lora_jax.variants.init import pissa_to_lora
 from lora_jax.variants.loftq import loftq_init
 from lora_jax.variants.loraplus import loraplus_labels
 from lora_jax.variants.loraplus import loraplus_optimizer
+from lora_jax.variants import multi_rules as _multi_rules  # noqa: F401  (registers its rules)
+from lora_jax.variants.multi import MultiDoraWeight
 from lora_jax.variants.multi import MultiLoraWeight
 from lora_jax.variants.multi import adapter_ids
 from lora_jax.variants.multi import adapter_names
@@ -23,12 +26,14 @@ from lora_jax.variants.weighted import safe_merge
 
 __all__ = (
     "DoraWeight",
+    "MultiDoraWeight",
     "MultiLoraWeight",
     "adapter_ids",
     "adapter_names",
     "add_adapter",
     "add_weighted_adapter",
     "dorafy",
+    "gram_norm",
     "loftq_init",
     "loraplus_labels",
     "loraplus_optimizer",

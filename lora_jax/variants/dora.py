@@ -4,10 +4,18 @@
 
 with the norm taken per output feature over the input axes I (PEFT: ``weight [out, in]``,
 ``norm(dim=1)``) and detached, as PEFT does (DoRA paper, sec. 4.3). Under ``lora(fn)``
-``x @ W'`` is computed as ``(x@w0 + s*(x@a)@b) * m / ||V||``: like PEFT it forms
-``V`` once per call to take its column norms, never a gradient with respect to it.
-``m`` starts as ``||w0 + s*a@b||`` (= ``||w0||`` with B = 0), so a fresh DoRA model
-equals the base. A quantized ``w0`` is dequantized for the norm (inside jit).
+the primitive runs on the factors and its output is scaled per output feature by
+``m / ||V||``: ``x @ W'`` is ``(x@w0 + s*(x@a)@b) * m / ||V||``; a convolution is the
+LoRA conv (A with W's window, then B as a 1x1 conv) times the factor per output
+channel (PEFT's ``DoraConv2dLayer``); an embedding lookup (a gather of rows) is the
+LoRA lookup times the factor per embedding feature (PEFT's ``DoraEmbeddingLayer``:
+its magnitude has one entry per embedding feature, the norm runs over the vocabulary).
+
+The norm is taken without forming ``V`` or ``s*a@b``: ``||V||^2 = ||w0||^2 +
+2s<w0, a@b> + s^2 ||a@b||^2`` per column, the last two through ``a^T w0`` [r, O] and
+``a^T a`` [r, r] (:func:`gram_norm`). Only a quantized ``w0`` is formed (dequantized,
+inside jit) to take its part of the norm. ``m`` starts as ``||w0 + s*a@b||`` (=
+``||w0||`` with B = 0), so a fresh DoRA model equals the base.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -20,13 +28,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax.core import checks, is_implicit, node, path_str, register, static
+from lora_jax.core import checks, compat, dense, is_implicit, node, path_str, register, static
 from lora_jax.lora import (
     AdapterNode,
     LoraWeight,
@@ -119,11 +128,39 @@ def _magnitude_problem(w0, a, m, in_axes) -> str | None:
     return None
 
 
+def gram_norm(w0, a, b, scale) -> jax.Array:
+    """``||w0 + scale * a @ b||`` over the input axis, in float32, without forming the sum.
+
+    ``w0`` [..., I, O], ``a`` [..., I, r], ``b`` [..., r, O] (leading axes of size 1
+    broadcast, so one ``w0`` [1, I, O] serves N adapters), ``scale`` a number or
+    [..., 1]. Returns [..., O]:
+    ``sqrt(||w0||^2 + 2s * sum_r b*(a^T w0) + s^2 * sum_r b*((a^T a) b))`` per column,
+    clamped at 0 against rounding."""
+    hi = lax.Precision.HIGHEST
+    w0, a, b = (x.astype(jnp.float32) for x in (w0, a, b))
+    scale = jnp.asarray(scale, jnp.float32)
+    aw = jnp.einsum("...ir,...io->...ro", a, w0, precision=hi)
+    gb = jnp.einsum("...ir,...iq,...qo->...ro", a, a, b, precision=hi)
+    sq = (jnp.sum(jnp.square(w0), axis=-2) + 2.0 * scale * jnp.sum(b * aw, axis=-2)
+          + jnp.square(scale) * jnp.sum(b * gb, axis=-2))
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def _flat_io(w: LoraWeight):
+    """``(w0 [*S, I, O], a [*S, I, r], b [*S, r, O])`` with I and O flattened."""
+    s, shape = w.stack_ndim, w.shape
+    n_i = math.prod(shape[s + j] for j in w.in_axes)
+    w0 = w.to_canonical(dense(w.w0)).reshape((*shape[:s], n_i, -1))
+    return (w0, w.a.reshape((*shape[:s], n_i, w.rank)),
+            w.b.reshape((*shape[:s], w.rank, w0.shape[-1])))
+
+
 def _column_norm(w: LoraWeight) -> jax.Array:
-    """L2 norm of the formed ``w0 + s*a@b`` over its input axes, in float32."""
-    v = w.materialize().astype(jnp.float32)
+    """L2 norm of ``w0 + s*a@b`` over its input axes, [*S, *O], in float32."""
+    w0, a, b = _flat_io(w)
     s = w.stack_ndim
-    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(s + j for j in w.in_axes)))
+    return gram_norm(w0, a, b, w.scale).reshape((*w.shape[:s],
+                                                 *(w.shape[s + j] for j in w.out_axes)))
 
 
 @register("dot_general", DoraWeight)
@@ -159,24 +196,63 @@ def _dora_dot_rule(eqn, invals, ctx):
     return out * f
 
 
+def _via_lora(eqn, invals, ctx, w: DoraWeight, out_axis: int):
+    """The primitive with ``w`` replaced by its ``V`` (so the LoraWeight rules keep it
+    factored), scaled by ``m / ||V||`` along the output's feature axis ``out_axis``."""
+    lw = w.as_lora()
+    ctx.set_name(lw, ctx.name(w))
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type)
+             for v in eqn.invars]
+    closed = jax.make_jaxpr(lambda *args: compat.bind(eqn, *args))(*avals)
+    (out,) = ctx.eval(closed.jaxpr, closed.consts, [lw if v is w else v for v in invals])
+    f = w.factor().astype(out.dtype)
+    return out * f.reshape([f.shape[0] if i == out_axis else 1 for i in range(out.ndim)])
+
+
+@register("conv_general_dilated", DoraWeight)
+def _dora_conv_rule(eqn, invals, ctx):
+    x, w = invals
+    if not isinstance(w, DoraWeight) or is_implicit(x) or w.stack_ndim:
+        return NotImplemented
+    dn = eqn.params["dimension_numbers"]
+    if len(w.out_axes) != 1 or w.out_axes[0] != dn.rhs_spec[0]:
+        return ctx.decline(f"meets a convolution whose output-feature axis is "
+                           f"{dn.rhs_spec[0]}, but its layout has input axes {w.in_axes}.")
+    # Output channel o of any convolution (grouped too) reads only kernel slice o, so
+    # DoRA's per-channel factor moves from the kernel to the output.
+    return _via_lora(eqn, invals, ctx, w, dn.out_spec[1])
+
+
+@register("gather", DoraWeight)
+def _dora_gather_rule(eqn, invals, ctx):
+    w, idx = invals
+    if not isinstance(w, DoraWeight) or is_implicit(idx) or w.stack_ndim \
+            or len(w.shape) != 2 or w.in_axes != (0,):
+        return NotImplemented
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    # Whole rows only (an embedding lookup): each looked-up row holds every output feature.
+    if (tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+            or tuple(p["slice_sizes"]) != (1, w.shape[1])
+            or tuple(getattr(dn, "operand_batching_dims", ())) != ()):
+        return NotImplemented
+    return _via_lora(eqn, invals, ctx, w, dn.offset_dims[0])
+
+
 def is_lora_or_dora(x) -> bool:
     return isinstance(x, (LoraWeight, DoraWeight))
 
 
 def to_dora(params):
     """Every :class:`LoraWeight` in ``params`` becomes a :class:`DoraWeight` with
-    ``m = ||w0 + s*a@b||`` (so the model is unchanged). Embedding tables are refused."""
+    ``m = ||w0 + s*a@b||`` (so the model is unchanged). An embedding table [V, D] gets
+    one magnitude per feature D, its norm over the vocabulary (PEFT's DoRA embedding)."""
     checks.tree("to_dora", "params", params)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora_or_dora)
     out, n = [], 0
     for kp, leaf in flat:
         if isinstance(leaf, LoraWeight):
             path = path_str(kp)
-            if path.rsplit("/", 1)[-1] == "embedding":
-                raise ValueError(
-                    f"to_dora: leaf {path!r} is an embedding table; PEFT's DoRA for embeddings "
-                    "normalises per token row, which lora_jax does not implement. Exclude it "
-                    "from lorafy's targets (or keep it a plain LoraWeight).")
             if leaf.a is None or leaf.b is None or leaf.w0 is None:
                 raise ValueError(f"to_dora: leaf {path!r} lacks w0/a/b (a half from split?); "
                                  "call to_dora on the full lorafied tree.")

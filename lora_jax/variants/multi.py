@@ -13,19 +13,30 @@ stacked layers slices ``w0``, ``a``, ``b`` and ``ids`` along axis 0 alike; ``ids
 broadcast over S for the same reason. Names, ranks, alphas and rsLoRA flags are static.
 
 **Per-row contract.** ``with_adapter_ids(params, ids)`` sets ``ids`` (length B, ints or
-names; ``-1``/``None`` = base). Under :func:`lora_jax.lora`, where such a weight meets
-``dot_general`` as ``x @ W`` (W the rhs, contracted over its input axes), **axis 0 of
-``x`` is the batch-row axis** and must have length B. The base product ``x @ w0`` is
-computed once for the whole batch; the adapter part gathers each row's A/B
-(``a[ids]: [B, *I, r]``) and runs two batched matmuls, ``((x @ a[ids]) * s[ids]) @ b[ids]``;
-rows with id -1 get exactly the base output. ``ids`` are data: switching which
+names; ``-1``/``None`` = base). Under :func:`lora_jax.lora` (rules in
+:mod:`lora_jax.variants.multi_rules`) such a weight serves three uses, each with one
+batch-row axis of length B:
+
+* ``dot_general`` as ``x @ W`` (W the rhs, contracted over its input axes), rows on
+  axis 0 of ``x``: ``x @ w0`` once for the batch, then each row's A/B gathered
+  (``a[ids]: [B, *I, r]``) in two batched matmuls, ``((x @ a[ids]) * s[ids]) @ b[ids]``;
+* an embedding lookup (a gather of table rows), rows on axis 0 of the token ids:
+  each token's row of its batch row's A, then that row's B;
+* a convolution (kernel ``[*window, in, out]``), rows on the input's batch axis: each
+  row's A as a conv with W's window, then its B per pixel (the 1x1 conv of the
+  single-adapter rule), all rows in one batched call.
+
+Rows with id -1 get exactly the base output. A DoRA adapter in the stack
+(:class:`MultiDoraWeight`) also scales its rows by ``m / ||w0 + s*a@b||`` per output
+feature, the norms taken for all adapters at once without forming any weight
+(:func:`~lora_jax.variants.dora.gram_norm`). ``ids`` are data: switching which
 adapter each row uses, or replacing an adapter's weights under the same name
 (:func:`set_adapter`), never recompiles. Adding or removing an adapter changes N and the
 static names, so a jitted function retraces once for the new set. Under jit,
 out-of-range ids cannot raise; they act as the base (``with_adapter_ids`` checks
-concrete ids and raises ``ValueError``). Any other use of the weight (a gather, a
-transpose, the weight as lhs) raises ``TypeError``: a per-row weight has no single
-dense form.
+concrete ids and raises ``ValueError``). Any other use of the weight (a transpose,
+the weight as lhs, a tied embedding's ``attend``) raises ``TypeError``: a per-row
+weight has no single dense form.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -52,8 +63,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax.core import checks, compat, dense, is_implicit, node, register, static
+from lora_jax.core import checks, node, static
 from lora_jax.lora import AdapterNode, LoraWeight, lora_scale
+from lora_jax.variants.dora import DoraWeight
 
 BASE = -1
 
@@ -120,68 +132,48 @@ class MultiLoraWeight(AdapterNode):
         raise TypeError(
             "MultiLoraWeight holds one weight per batch row and has no single dense form. "
             "Under lora(fn) it supports dot_general as x @ W with the batch-row axis first "
-            "(every Dense/einsum projection); for anything else pick one adapter with "
-            "unstack_adapter(params, name).")
+            "(every Dense/einsum projection), embedding lookups and ungrouped convolutions; "
+            "for anything else pick one adapter with unstack_adapter(params, name).")
 
     def astype(self, dtype) -> "MultiLoraWeight":
         return dataclasses.replace(self, w0=self.w0.astype(dtype), a=self.a.astype(dtype),
                                    b=self.b.astype(dtype))
 
 
+@node
+@dataclasses.dataclass(frozen=True)
+class MultiDoraWeight(MultiLoraWeight):
+    """A stack in which some adapters are DoRA: ``m: [*S, N, *O]`` holds each adapter's
+    magnitude (ones, unused, for the others); ``doras[i]`` says whether adapter i is
+    DoRA on this leaf."""
+
+    m: Any = None
+    doras: tuple = static(())
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b", "m")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.doras) != len(self.names):
+            raise ValueError(f"MultiDoraWeight: doras must have one entry per adapter, got "
+                             f"{len(self.doras)} for {len(self.names)}; build it with "
+                             "stack_adapters().")
+
+    def adapter(self, index: int):
+        """Adapter ``index`` as a :class:`DoraWeight` where it is DoRA on this leaf."""
+        lw = super().adapter(index)
+        if not self.doras[index] or not isinstance(lw, LoraWeight):
+            return lw
+        m = jnp.take(self.m, index, axis=self.stack_ndim)
+        return DoraWeight(lw.w0, lw.a, lw.b, m, alpha=lw.alpha, rslora=lw.rslora,
+                          in_axes=lw.in_axes)
+
+    def astype(self, dtype) -> "MultiDoraWeight":
+        return dataclasses.replace(super().astype(dtype), m=self.m.astype(dtype))
+
+
 def is_multi(x) -> bool:
     return isinstance(x, MultiLoraWeight)
-
-
-# ----------------------------------------------------------------------------- dot rule
-
-def _multi_dot_rule(eqn, invals, ctx):
-    lhs, w = invals
-    if not isinstance(w, MultiLoraWeight) or is_implicit(lhs):
-        raise TypeError(
-            "MultiLoraWeight: only x @ W (the weight as the right operand of dot_general) is "
-            "supported; pick one adapter with unstack_adapter(params, name) for other uses.")
-    if w.ids is None:
-        raise ValueError("MultiLoraWeight used without adapter ids: call "
-                         "with_adapter_ids(params, ids) (one id per batch row, -1 = base).")
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    s, n_in = w.stack_ndim, w.in_ndim
-    if s or lb or rb:
-        raise TypeError(
-            f"MultiLoraWeight of shape {w.shape} with {s} stacked axes met dot_general "
-            "directly; apply it under lax.scan/nn.scan over the stacked axes (which slices it "
-            "per layer), or unstack the layers first.")
-    if set(rc) != set(range(n_in)):
-        raise TypeError(
-            f"MultiLoraWeight: dot_general contracts weight axes {tuple(rc)}, not its input axes "
-            f"{tuple(range(n_in))} (a tied-embedding 'attend' or transposed use is not supported).")
-    if 0 in lc:
-        raise TypeError("MultiLoraWeight: axis 0 of the activation must be the batch-row axis, "
-                        "but dot_general contracts it.")
-    ids = w.ids
-    if ids.ndim != 1 or lhs.shape[0] != ids.shape[0]:
-        raise ValueError(
-            f"MultiLoraWeight: {ids.shape[-1]} adapter ids for an activation of shape "
-            f"{lhs.shape}; axis 0 (the batch rows) must have one id per row.")
-    precision = eqn.params.get("precision")
-    pet = eqn.params.get("preferred_element_type")
-    base = compat.bind(eqn, lhs, lax.stop_gradient(dense(w.w0)))
-    n = w.a.shape[0]
-    valid = (ids >= 0) & (ids < n)
-    idx = jnp.where(valid, ids, 0)
-    row_scale = jnp.where(valid, jnp.asarray(w.scales, lhs.dtype)[idx],
-                          jnp.zeros((), lhs.dtype))                       # [B]
-    a_g = jnp.take(w.a, idx, axis=0).astype(lhs.dtype)                  # [B, *I, r]
-    b_g = jnp.take(w.b, idx, axis=0).astype(lhs.dtype)                  # [B, r, *O]
-    ac = tuple(j + 1 for j in rc)
-    t = lax.dot_general(lhs, a_g, ((tuple(lc), ac), ((0,), (0,))), precision=precision)
-    t = t * row_scale.reshape((-1, *(1,) * (t.ndim - 1)))               # [B, x_rest, r]
-    d = lax.dot_general(t, b_g, (((t.ndim - 1,), (1,)), ((0,), (0,))),
-                        precision=precision, preferred_element_type=pet)  # [B, x_rest, *O]
-    return base + d.astype(base.dtype)
-
-
-register("dot_general", MultiLoraWeight, _multi_dot_rule)
-
 
 
 def _multis(params) -> list[MultiLoraWeight]:

@@ -1,7 +1,9 @@
 """Building and editing a stacked many-adapter tree: stack, set, add, remove.
 
-Every leaf that is a LoraWeight in any adapter becomes a
-:class:`~lora_jax.variants.multi.MultiLoraWeight`; the adapters must share one base
+Every leaf that is a LoraWeight (or DoraWeight) in any adapter becomes a
+:class:`~lora_jax.variants.multi.MultiLoraWeight` (a
+:class:`~lora_jax.variants.multi.MultiDoraWeight` where one is DoRA, holding the
+magnitudes too); the adapters must share one base
 (the same frozen ``w0`` on every leaf), which is checked: an adapter whose
 initialisation rewrote its base (PiSSA, OLoRA) cannot share a batch with others.
 """
@@ -16,7 +18,9 @@ import jax.numpy as jnp
 
 from lora_jax.core import checks, path_str
 from lora_jax.lora import LoraWeight, is_adapter
+from lora_jax.variants.dora import DoraWeight, is_lora_or_dora
 from lora_jax.variants.multi import (
+    MultiDoraWeight,
     MultiLoraWeight,
     _index,
     adapter_names,
@@ -62,8 +66,9 @@ def _same_base(x, ref) -> bool:
         for a, b in zip(lx, lr))
 
 
-def check_adapters(adapters: Mapping[str, Any], what: str) -> dict:
-    """``{name: [(path, leaf)]}`` after checking the adapters are plain LoRA trees of one base."""
+def check_adapters(adapters: Mapping[str, Any], what: str, *, dora: bool = False) -> dict:
+    """``{name: [(path, leaf)]}`` after checking the adapters are LoRA trees of one base
+    (``dora``: DoRA adapters allowed too)."""
     names = tuple(adapters)
     if not names:
         raise ValueError(f"{what}: no adapters given.")
@@ -76,10 +81,11 @@ def check_adapters(adapters: Mapping[str, Any], what: str) -> dict:
             if is_multi(x):
                 raise TypeError(f"{what}: adapter {name!r} is already stacked; "
                                 "unstack_adapter() it first.")
-            if is_adapter(x) and not isinstance(x, LoraWeight):
+            if is_adapter(x) and not (isinstance(x, LoraWeight) or (dora and is_lora_or_dora(x))):
+                kinds = "LoRA and DoRA adapters" if dora else "plain LoRA adapters (LoraWeight)"
                 raise TypeError(f"{what}: adapter {name!r} has a {type(x).__name__} at {p!r}; "
-                                "only plain LoRA adapters (LoraWeight) can be combined (merge() a "
-                                "DoRA adapter, or serve it alone).")
+                                f"only {kinds} can be combined here (merge() it, or serve it "
+                                "alone).")
         if paths0 is None:
             paths0 = [p for p, _ in flat]
         elif [p for p, _ in flat] != paths0:
@@ -92,7 +98,7 @@ def check_adapters(adapters: Mapping[str, Any], what: str) -> dict:
 
 
 def _check_leaf(what, path, leaves: dict):
-    loras = [x for x in leaves.values() if isinstance(x, LoraWeight)]
+    loras = [x for x in leaves.values() if is_lora_or_dora(x)]
     if not loras:
         return
     ref = loras[0]
@@ -101,8 +107,8 @@ def _check_leaf(what, path, leaves: dict):
         if shape != ref.shape:
             raise ValueError(f"{what}: leaf {path!r} of adapter {n!r} has shape {shape}, "
                              f"others {ref.shape}; adapters need the same base.")
-        base = x.w0 if isinstance(x, LoraWeight) else x
-        if base is None or (isinstance(x, LoraWeight) and (x.a is None or x.b is None)):
+        base = x.w0 if is_lora_or_dora(x) else x
+        if base is None or (is_lora_or_dora(x) and (x.a is None or x.b is None)):
             raise ValueError(f"{what}: leaf {path!r} of adapter {n!r} lacks w0/a/b (a half "
                              "from split?); pass full trees.")
         if not _same_base(base, ref.w0):
@@ -110,19 +116,19 @@ def _check_leaf(what, path, leaves: dict):
                 f"{what}: adapter {n!r} has another base weight at {path!r} than the others "
                 "(PiSSA/OLoRA rewrite w0; a merged or re-quantized base differs too). Adapters "
                 "combined on one base must share it exactly.")
-        if isinstance(x, LoraWeight) and (x.in_axes, x.stack_ndim) != (ref.in_axes, ref.stack_ndim):
+        if is_lora_or_dora(x) and (x.in_axes, x.stack_ndim) != (ref.in_axes, ref.stack_ndim):
             raise ValueError(f"{what}: leaf {path!r}: adapters disagree on the layout "
                              "(in_axes / stacked axes).")
 
 
 def _stack_leaf(path, leaves: list, names, *, pad_ranks: bool, what: str):
-    ref = next(x for x in leaves if isinstance(x, LoraWeight))
+    ref = next(x for x in leaves if is_lora_or_dora(x))
     if ref.in_axes != tuple(range(ref.in_ndim)):
         raise ValueError(
             f"{what}: leaf {path!r} has input axes {ref.in_axes}; many-adapter batches "
             "need the input axes first (the (in, out) layout). Exclude this leaf from lorafy's "
             "targets for multi-adapter serving.")
-    ranks = tuple(x.rank if isinstance(x, LoraWeight) else 0 for x in leaves)
+    ranks = tuple(x.rank if is_lora_or_dora(x) else 0 for x in leaves)
     present = sorted({r for r in ranks if r})
     if len(present) > 1 and not pad_ranks:
         raise ValueError(
@@ -134,28 +140,36 @@ def _stack_leaf(path, leaves: list, names, *, pad_ranks: bool, what: str):
     s = ref.stack_ndim
     a_list, b_list = [], []
     for x in leaves:
-        if isinstance(x, LoraWeight):
+        if is_lora_or_dora(x):
             a_, b_ = pad_rank(x.a.astype(ref.a.dtype), x.b.astype(ref.b.dtype), rmax, s)
         else:
             a_ = jnp.zeros((*ref.a.shape[:-1], rmax), ref.a.dtype)
             b_ = jnp.zeros((*ref.b.shape[:s], rmax, *ref.b.shape[s + 1:]), ref.b.dtype)
         a_list.append(a_)
         b_list.append(b_)
-    return MultiLoraWeight(
+    fields = dict(
         w0=ref.w0, a=jnp.stack(a_list, axis=s), b=jnp.stack(b_list, axis=s), ids=None,
         names=tuple(names), ranks=ranks,
-        alphas=tuple(float(x.alpha) if isinstance(x, LoraWeight) else 0.0 for x in leaves),
-        rsloras=tuple(bool(x.rslora) if isinstance(x, LoraWeight) else False for x in leaves),
+        alphas=tuple(float(x.alpha) if is_lora_or_dora(x) else 0.0 for x in leaves),
+        rsloras=tuple(bool(x.rslora) if is_lora_or_dora(x) else False for x in leaves),
         in_ndim=ref.in_ndim)
+    doras = tuple(isinstance(x, DoraWeight) for x in leaves)
+    if not any(doras):
+        return MultiLoraWeight(**fields)
+    # Zero padding keeps a@b, hence the norm; non-DoRA adapters' magnitudes are unused.
+    dora = next(x for x in leaves if isinstance(x, DoraWeight))
+    ms = [x.m.astype(dora.m.dtype) if isinstance(x, DoraWeight) else jnp.ones_like(dora.m)
+          for x in leaves]
+    return MultiDoraWeight(**fields, m=jnp.stack(ms, axis=s), doras=doras)
 
 
 def _stack(adapters: Mapping[str, Any], *, pad_ranks: bool, what: str = "stack_adapters"):
-    flats = check_adapters(adapters, what)
+    flats = check_adapters(adapters, what, dora=True)
     names = tuple(adapters)
     out = []
     for i, (path, leaf0) in enumerate(flats[names[0]]):
         leaves = [flats[n][i][1] for n in names]
-        if any(isinstance(x, LoraWeight) for x in leaves):
+        if any(is_lora_or_dora(x) for x in leaves):
             leaf0 = _stack_leaf(path, leaves, names, pad_ranks=pad_ranks, what=what)
         out.append(leaf0)
     if not any(is_multi(x) for x in out):
@@ -166,7 +180,8 @@ def _stack(adapters: Mapping[str, Any], *, pad_ranks: bool, what: str = "stack_a
 def stack_adapters(adapters: Mapping[str, Any], *, pad_ranks: bool = False):
     """One tree holding every adapter of ``{name: lorafied params}`` (same base).
 
-    Leaves that are LoraWeight in any adapter become a :class:`MultiLoraWeight` (an
+    Leaves that are LoraWeight or DoraWeight in any adapter become a
+    :class:`MultiLoraWeight` (:class:`MultiDoraWeight` if one is DoRA there; an
     adapter without LoRA on that leaf gets rank 0 there: exactly the base). Other leaves
     (the frozen base) come from the first adapter. Different ranks on one leaf raise
     ``ValueError`` unless ``pad_ranks=True`` (zero padding to the largest rank; exact).
@@ -187,7 +202,7 @@ def _check_new(params, name: str, adapter, what: str) -> None:
     """``adapter`` against the stacked tree's base first, so an error names it (not whichever
     adapter happens to come first in the stack)."""
     ref = "(the stacked tree)" if name != "(the stacked tree)" else "(stacked)"
-    check_adapters({ref: unstack_adapter(params, 0), name: adapter}, what)
+    check_adapters({ref: unstack_adapter(params, 0), name: adapter}, what, dora=True)
 
 
 def set_adapter(params, name, adapter):

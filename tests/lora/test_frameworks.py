@@ -250,7 +250,9 @@ def _nodes(tree):
 
 
 def _check_factors(lp):
-    """A on the input side (fan-in sized, PEFT's Kaiming bound), B zero on the output side."""
+    """A on the input side (fan-in sized, PEFT's Kaiming bound), B zero on the output side;
+    an embedding table (gathered by rows) has PEFT's embedding init instead: the
+    vocabulary-side factor (A, on the row axis) zero, B ~ N(0, 1)."""
     nodes = _nodes(lp)
     assert nodes, "lorafy targeted nothing"
     for path, w in nodes:
@@ -259,6 +261,10 @@ def _check_factors(lp):
         fan_in = math.prod(rest[j] for j in w.in_axes)
         assert w.a.shape == (*w.shape[:s], *(rest[j] for j in w.in_axes), w.rank), path
         assert w.b.shape == (*w.shape[:s], w.rank, *(rest[j] for j in w.out_axes)), path
+        if "embedding" in str(path[-1]):
+            assert w.in_axes == (0,) and not np.asarray(w.a).any(), path
+            assert float(jnp.max(jnp.abs(w.b))) > 1.0, path       # N(0, 1), not a small bound
+            continue
         assert float(jnp.max(jnp.abs(w.a))) <= 1.0 / math.sqrt(fan_in) + 1e-7, path
         assert not np.asarray(w.b).any(), path
 

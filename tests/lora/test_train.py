@@ -136,7 +136,6 @@ def test_lora_step_flops_and_no_weight_gradient(key):
     (dict(rank=0), ValueError, "rank must be a positive int"),
     (dict(rank=-2), ValueError, "rank must be a positive int"),
     (dict(rank=2.5), ValueError, "rank must be a positive int"),
-    (dict(rank=6), ValueError, r"rank 6 exceeds min\(in=5, out=7\) of leaf 'dense/kernel'"),
     (dict(rank=2, alpha=0), ValueError, "alpha must be a positive finite number"),
     (dict(rank=2, alpha=-1.0), ValueError, "alpha must be a positive finite number"),
     (dict(rank=2, alpha=float("inf")), ValueError, "alpha must be a positive finite number"),
@@ -151,7 +150,6 @@ def test_lora_step_flops_and_no_weight_gradient(key):
     (dict(rank=1, targets="name"), TypeError, "leaf 'name' is a str, not an array"),
     (dict(rank=1, targets="bias"), ValueError, "leaf 'dense/bias' has shape"),
     (dict(rank=2, init="xavier"), ValueError, "unknown init 'xavier'"),
-    (dict(rank=2, rank_pattern={"dense": 9}), ValueError, "rank 9 exceeds"),
     (dict(rank=2, layout={"dense": (0, 2)}), ValueError, "layout for leaf 'dense/kernel'"),
 ])
 def test_bad_input(kwargs, exc, match):
@@ -159,6 +157,16 @@ def test_bad_input(kwargs, exc, match):
               "step": jnp.int32(3), "name": "mlp"}
     with pytest.raises(exc, match=match):
         lj.lorafy(params, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,rank", [(dict(rank=6), 6),
+                                         (dict(rank=2, rank_pattern={"dense": 9}), 9)])
+def test_rank_above_min_in_out_warns_once(kwargs, rank):
+    params = {"dense": {"kernel": jnp.ones((5, 7)), "bias": jnp.ones(7)}}
+    match = rf"rank {rank} exceeds min\(in, out\) of \['dense/kernel'\]"
+    with pytest.warns(lj.RankWarning, match=match) as rec:
+        w = lj.lorafy(params, targets="dense/kernel", **kwargs)["dense"]["kernel"]
+    assert len(rec) == 1 and w.a.shape == (5, rank) and w.b.shape == (rank, 7)
 
 
 def test_lora_rejects_non_callable():
