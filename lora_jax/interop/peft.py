@@ -45,6 +45,7 @@ from lora_jax.interop.peft_format import (
     write_adapter,
     write_adapter_files,
 )
+from lora_jax.interop.peft_saved import saved_tensors
 from lora_jax.lora import LoraWeight, lora_scale
 from lora_jax.variants import DoraWeight, adapter_names, unstack_adapter
 
@@ -175,6 +176,9 @@ def _adapter(params, base_model_name_or_path, module_map) -> tuple[dict, dict]:
     tensors, modules = _tensors(leaves, module_map)
     config = _config(modules, base_model_name_or_path)
     config["use_dora"] = isinstance(leaves[0][1], DoraWeight)
+    saved, to_save = saved_tensors(params, module_map)        # Trainable leaves
+    tensors.update(saved)
+    config["modules_to_save"] = to_save or None
     return tensors, config
 
 
@@ -194,6 +198,8 @@ def to_peft(params, out_dir: PathLike, *, base_model_name_or_path: str | None = 
       base_model_name_or_path: recorded in ``adapter_config.json``.
       module_map: our leaf path -> HF module name; default ``LLAMA_MODULE_MAP``.
 
+    :class:`~lora_jax.Trainable` leaves (``lorafy(..., trainable=)``) are written as
+    PEFT's ``modules_to_save`` (:mod:`lora_jax.interop.peft_saved`).
     Returns the adapter directory path.
     """
     tensors, config = _adapter(params, base_model_name_or_path, module_map)

@@ -108,6 +108,7 @@ class PeftConfig:
     target_modules: Any = None
     layers_to_transform: tuple[int, ...] | None = None
     use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
     def rank(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))
@@ -139,8 +140,6 @@ def _unsupported(cfg: dict) -> list[str]:
         out.append("fan_in_fan_out=True")
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
         out.append(f"bias={cfg.get('bias')!r}/lora_bias={cfg.get('lora_bias')!r}")
-    if cfg.get("modules_to_save"):
-        out.append(f"modules_to_save={cfg['modules_to_save']!r}")
     if cfg.get("layer_replication"):
         out.append("layer_replication")
     return out
@@ -169,6 +168,8 @@ _KEY_TYPES = {
     "target_modules": (lambda v: isinstance(v, str) or (
         isinstance(v, list) and all(isinstance(x, str) for x in v)),
         "a string or a list of strings"),
+    "modules_to_save": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                        "a list of strings"),
     "layers_to_transform": (lambda v: (_is_int(v) and v >= 0) or (
         isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)),
         "a non-negative int or a list of them"),
@@ -199,6 +200,7 @@ def _config(cfg: dict, where: Path | str = CONFIG_FILE) -> PeftConfig:
         use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
         rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
         target_modules=cfg.get("target_modules"),
+        modules_to_save=tuple(cfg.get("modules_to_save") or ()),
         layers_to_transform=None if layers is None else tuple(np.atleast_1d(layers).tolist()))
 
 

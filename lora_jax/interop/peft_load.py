@@ -36,6 +36,7 @@ from lora_jax.interop.peft_format import (
     read_adapter,
     strip_params,
 )
+from lora_jax.interop.peft_saved import apply_saved, split_saved, unmark
 from lora_jax.lora import LoraWeight
 from lora_jax.variants import DoraWeight, to_dora
 
@@ -218,9 +219,12 @@ def from_peft(adapter_dir: str | os.PathLike, params, *,
 
     Raises ``ValueError`` listing unknown adapter keys, missing keys (modules the config
     targets without tensors, a missing A or B, a layer without factors), or
-    unsupported options (LoRA biases, ``modules_to_save``, ``fan_in_fan_out``).
+    unsupported options (LoRA biases, ``fan_in_fan_out``). ``modules_to_save`` tensors
+    become :class:`~lora_jax.Trainable` leaves (:mod:`lora_jax.interop.peft_saved`).
     """
     cfg, raw = read_adapter(Path(adapter_dir))
+    saved, raw = split_saved(raw, cfg)           # modules_to_save: Trainable leaves
+    params, marked = unmark(params)
     found, keys = _group(raw)
     module_map = dict(LLAMA_MODULE_MAP if module_map is None else module_map)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)
@@ -235,5 +239,6 @@ def from_peft(adapter_dir: str | os.PathLike, params, *,
     if stale:
         raise ValueError(f"from_peft: params have LoraWeight leaves the adapter does not cover: "
                          f"{stale}; pass base params or lora_jax.merge(params)")
-    return jax.tree_util.tree_unflatten(
+    out = jax.tree_util.tree_unflatten(
         treedef, [new.get(strip_params(path_str(p)), x) for p, x in flat])
+    return apply_saved(out, saved, marked, module_map)
