@@ -13,6 +13,7 @@ from lora_jax.lora.layout import resolve_layout
 from lora_jax.lora.lorafy import lorafy
 from lora_jax.lora.lorafy import merge
 from lora_jax.lora.rules import dot_rule
+from lora_jax.lora.rules import is_row_lookup
 from lora_jax.lora.train import combine
 from lora_jax.lora.train import count_params
 from lora_jax.lora.train import lora_optimizer
@@ -44,6 +45,7 @@ __all__ = (
     "count_params",
     "default_layout",
     "dot_rule",
+    "is_row_lookup",
     "factor_problem",
     "infer_layout",
     "is_adapter",

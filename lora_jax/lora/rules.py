@@ -123,17 +123,24 @@ def _conv_rule(eqn, invals, ctx):
     return base + d.astype(base.dtype)
 
 
+def is_row_lookup(eqn, w) -> bool:
+    """Whether a gather takes whole rows of the 2-D ``w`` along its axis 0 (an embedding
+    lookup): each looked-up row holds every feature."""
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    return (tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
+            and tuple(p["slice_sizes"]) == (1, w.shape[1])
+            and tuple(getattr(dn, "operand_batching_dims", ())) == ())
+
+
 @register("gather", LoraWeight)
 def _gather_rule(eqn, invals, ctx):
     w, idx = invals
-    if not isinstance(w, LoraWeight) or is_implicit(idx) or len(w.shape) != 2 or w.stack_ndim:
+    if not isinstance(w, LoraWeight) or is_implicit(idx) or len(w.shape) != 2 or w.stack_ndim \
+            or not is_row_lookup(eqn, w):
         return NotImplemented
     p = eqn.params
     dn = p["dimension_numbers"]
-    if (tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
-            or tuple(p["slice_sizes"]) != (1, w.shape[1])
-            or tuple(getattr(dn, "operand_batching_dims", ())) != ()):
-        return NotImplemented
     # Rows along an input axis (Flax Embed) come from A; along an output axis from Bᵀ.
     rows_of, other = (w.a, w.b) if w.in_axes == (0,) else (w.b.T, w.a.T)
     rows = eqn.primitive.bind(rows_of, idx, **dict(p, slice_sizes=(1, w.rank)))  # r at offset

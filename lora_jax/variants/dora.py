@@ -42,6 +42,7 @@ from lora_jax.lora import (
     check_node,
     dot_rule,
     factor_problem,
+    is_row_lookup,
     looks_like_factors,
     lora_scale,
     lorafy,
@@ -227,16 +228,9 @@ def _dora_conv_rule(eqn, invals, ctx):
 def _dora_gather_rule(eqn, invals, ctx):
     w, idx = invals
     if not isinstance(w, DoraWeight) or is_implicit(idx) or w.stack_ndim \
-            or len(w.shape) != 2 or w.in_axes != (0,):
+            or len(w.shape) != 2 or w.in_axes != (0,) or not is_row_lookup(eqn, w):
         return NotImplemented
-    p = eqn.params
-    dn = p["dimension_numbers"]
-    # Whole rows only (an embedding lookup): each looked-up row holds every output feature.
-    if (tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
-            or tuple(p["slice_sizes"]) != (1, w.shape[1])
-            or tuple(getattr(dn, "operand_batching_dims", ())) != ()):
-        return NotImplemented
-    return _via_lora(eqn, invals, ctx, w, dn.offset_dims[0])
+    return _via_lora(eqn, invals, ctx, w, eqn.params["dimension_numbers"].offset_dims[0])
 
 
 def is_lora_or_dora(x) -> bool:
