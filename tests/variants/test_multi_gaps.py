@@ -59,7 +59,7 @@ def _look(p, t):
 
 
 # PEFT tests/test_custom_models.py::TestMixedAdapterBatches
-# ::test_mixed_adapter_batches_lora_embedding
+# ::test_mixed_adapter_batches_lora_conv1d_emb (its embedding half)
 def test_embedding_lookup_with_one_adapter_per_row():
     base = {"embedding": jax.random.normal(jax.random.key(0), (11, 7))}
     ad = _adapters(base, "embedding")
@@ -109,7 +109,7 @@ def test_convolution_with_one_adapter_per_row(f, shape):
 
 
 # PEFT tests/test_custom_models.py::TestMixedAdapterBatches::test_mixed_adapter_batches_lora_mlp
-# (and PEFT refuses DoRA there: test_mixed_adapter_batches_lora_dora_raises; ours computes it)
+# (PEFT refuses DoRA there: test_mixed_adapter_batches_lora_with_dora_raises; ours computes it)
 def test_dora_in_a_stack_exact_rows_training_and_editing():
     base = {"k": jax.random.normal(jax.random.key(0), (5, 7))}
     ad = _adapters(base, "k")
