@@ -9,9 +9,11 @@ the model's log-likelihood of the two full answers ("fresh" is one token, "rotte
     lora-jax finetune                     # or: python -m experiments.finetune
     lora-jax finetune --quant none --rank 16 --steps 200 --out runs/r16
 
-Outputs under ``--out``: ``adapter/`` (orbax, :func:`lora_jax.save_adapter`),
-``peft/`` (HF PEFT adapter), ``loss.png``, ``summary.json``. This module only parses the
-flags; the job is :func:`lora_jax.recipes.finetune.finetune`.
+Outputs under ``--out``: ``run.json``, ``adapter/`` (orbax checkpoints,
+:func:`lora_jax.save_adapter`), ``peft/`` (HF PEFT adapter) or ``model/`` (full
+fine-tuning), ``loss.png``, ``summary.json``; ``--resume`` continues a run from its last
+checkpoint. ``lora-jax generate`` / ``export`` / ``eval`` work on such a directory. This
+module only parses the flags; the jobs are in :mod:`lora_jax.recipes.finetune`.
 """
 
 from __future__ import annotations
