@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lora_jax.recipes.finetune import (
+    INIT_KINDS,
     QUANT_KINDS,
     RUN_FILE,
     FinetuneConfig,
@@ -68,6 +69,10 @@ def _add_finetune_args(p: argparse.ArgumentParser):
              "default: attention q/k/v/o and MLP gate/up/down projections")
     add("--quant", choices=list(QUANT_KINDS),
         help="base-weight quantization of the targeted kernels (QLoRA: nf4; default nf4)")
+    add("--init", choices=list(INIT_KINDS),
+        help="A/B initialisation: default (A random, B = 0: training starts at the quantized "
+             "base) or loftq (A/B fitted to the base's quantization error, PEFT "
+             "init_lora_weights='loftq'; needs a quantized base)")
     add("--steps", type=int, help=f"optimizer steps (default {d.steps})")
     add("--lr", type=float,
         help=f"peak AdamW learning rate, linear warmup then cosine decay (default {d.lr:g})")

@@ -37,13 +37,16 @@ def _tokenizer(tmp_path):
     return tk.get_vocab_size()
 
 
-def _tiny_hf_dir(tmp_path):
+def _tiny_hf_dir(tmp_path, embed_scale=1.0):
+    """A random tiny Llama; ``embed_scale`` widens its (tied) embeddings: at init scale its
+    logits span well under one nat, too little for a few LoRA steps to learn a task."""
     d = tmp_path / "tiny-llama"
     vocab = _tokenizer(tmp_path)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       eos_token_id=2, bos_token_id=1)
     params = LlamaForCausalLM(cfg).init_params(jax.random.key(0), 4)
+    params["embed_tokens"]["embedding"] *= embed_scale
     lj.export_merged(params, d)                      # HF names, (out, in) layout
     (d / "config.json").write_text(json.dumps(cfg.to_hf()))
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -72,3 +75,9 @@ def setup(tmp_path_factory):
     return _tiny_hf_dir(tmp), _jsonl(tmp), tmp
 
 
+
+
+@pytest.fixture(scope="session")
+def learnable_base(tmp_path_factory):
+    """A tiny model whose logits span enough to learn ``setup``'s task in 100 LoRA steps."""
+    return _tiny_hf_dir(tmp_path_factory.mktemp("learnable"), embed_scale=8.0)

@@ -11,15 +11,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 import lora_jax as lj
 from lora_jax import cli
 from lora_jax.models import format_chatml, load_tokenizer
-from lora_jax.recipes.finetune import FinetuneConfig, finetune, read_run_config, write_run_config
+from lora_jax.recipes.finetune import (
+    FinetuneConfig,
+    Scorer,
+    adapt,
+    check_config,
+    finetune,
+    generate_text,
+    load_base,
+    load_run,
+    make_logits_at,
+    read_run_config,
+    write_run_config,
+)
 from lora_jax.recipes.finetune import data as D
 from lora_jax.recipes.finetune import sources as S
+from lora_jax.recipes.finetune.evaluate import heldout_split
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -240,3 +254,39 @@ def test_config_round_trips_through_run_json(tmp_path):
     cfg = dataclasses.replace(FinetuneConfig(), rank=3, mesh="fsdp=2", out=str(tmp_path))
     write_run_config(cfg, tmp_path)
     assert read_run_config(tmp_path) == cfg
+
+
+def test_generate_answers_the_heldout_prompts_as_the_scorer_says(setup, learnable_base):
+    """After real training, greedy generation's answer to each held-out prompt is the class
+    the log-likelihood scorer picks: ``accuracy_after`` means what a user gets from
+    ``lora-jax generate``."""
+    root = learnable_base.parent
+    cfg = _cfg((learnable_base, setup[1], root), root / "trained", steps=100, batch=8, lr=2e-2,
+               warmup=5, rank=8, alpha=16.0, quant="none")
+    summary = finetune(cfg, log=_quiet)
+    out = root / "trained"
+    run = load_run(out)
+    _, _, held = heldout_split(run.config)
+    f = lj.lora(make_logits_at(run.model))
+    scorer = Scorer(run.tokenizer, held, run.config.seq_len,
+                    lambda p, i, q: jax.nn.log_softmax(f(p, i, q), axis=-1), 4)
+    picked = [scorer.classes[c] for c in scorer.predict(run.params)]
+    answers = [generate_text(run, e["prompt"], max_new_tokens=12)[0].strip() for e in held]
+    assert answers == picked
+    gold = [e["completion"] for e in held]
+    accuracy = float(np.mean([a == g for a, g in zip(answers, gold)]))
+    assert accuracy == summary["accuracy_after"] >= 0.75
+
+
+def test_loftq_init_starts_closer_to_the_base_and_trains(setup):
+    cfg = _cfg(setup, setup[2] / "loftq", init="loftq")
+    params = load_base(cfg).params
+    err = lambda cfg: sum(float(np.sum((np.asarray(w) - np.asarray(m)) ** 2))
+                          for w, m in zip(jax.tree.leaves(params),
+                                          jax.tree.leaves(lj.merge(adapt(cfg, params)))))
+    plain = dataclasses.replace(cfg, init="default")
+    assert err(cfg) < 0.8 * err(plain)       # deq(Q) + s*A@B vs deq(Q) alone
+    s = finetune(cfg, log=_quiet)
+    assert np.isfinite(s["losses"]).all() and read_run_config(cfg.out).init == "loftq"
+    with pytest.raises(ValueError, match="--init loftq .* needs --quant"):
+        check_config(dataclasses.replace(cfg, quant="none"))

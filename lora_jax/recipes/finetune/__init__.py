@@ -7,6 +7,7 @@ scoring and the report live in their own modules.
 
 from lora_jax.recipes.finetune.config import DEFAULT_TARGETS
 from lora_jax.recipes.finetune.config import SMOLLM2_HF_NAME
+from lora_jax.recipes.finetune.config import INIT_KINDS
 from lora_jax.recipes.finetune.config import QUANT_KINDS
 from lora_jax.recipes.finetune.config import RUN_FILE
 from lora_jax.recipes.finetune.config import FinetuneConfig
@@ -41,6 +42,7 @@ __all__ = (
     "Encoded",
     "FinetuneConfig",
     "Interrupted",
+    "INIT_KINDS",
     "QUANT_KINDS",
     "RUN_FILE",
     "Run",

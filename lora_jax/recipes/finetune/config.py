@@ -23,14 +23,16 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["DEFAULT_TARGETS", "QUANT_KINDS", "RUN_FILE", "SMOLLM2_HF_NAME", "FinetuneConfig",
-           "check_config", "parse_mesh", "read_run_config", "write_run_config"]
+__all__ = ["DEFAULT_TARGETS", "INIT_KINDS", "QUANT_KINDS", "RUN_FILE", "SMOLLM2_HF_NAME",
+           "FinetuneConfig", "check_config", "parse_mesh", "read_run_config", "write_run_config"]
 
 #: the attention and MLP projections of the reference Llama
 DEFAULT_TARGETS = r"layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel"
 #: the HF name of the embedded default model (recorded as the PEFT export's base model)
 SMOLLM2_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUANT_KINDS = ("none", "nf4", "int4", "fp4")
+#: A/B initialisations: PEFT's default (B = 0) or LoftQ (against the quantization error)
+INIT_KINDS = ("default", "loftq")
 #: the file in a run's output directory that records its config
 RUN_FILE = "run.json"
 
@@ -43,6 +45,7 @@ class FinetuneConfig:
     alpha: float | None = 16.0
     targets: str = DEFAULT_TARGETS
     quant: str = "nf4"                # none | nf4 | int4 | fp4
+    init: str = "default"             # default (B = 0) | loftq (needs a quantized base)
     steps: int = 100
     lr: float = 2e-3
     warmup: int = 10
@@ -103,6 +106,11 @@ def check_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay!r}")
     if cfg.quant not in QUANT_KINDS:
         raise ValueError(f"--quant must be one of {', '.join(QUANT_KINDS)}; got {cfg.quant!r}")
+    if cfg.init not in INIT_KINDS:
+        raise ValueError(f"--init must be one of {', '.join(INIT_KINDS)}; got {cfg.init!r}")
+    if cfg.init == "loftq" and (cfg.quant == "none" or cfg.rank == 0):
+        raise ValueError("--init loftq fits A/B to the quantization error of the base, so it "
+                         "needs --quant nf4, int4 or fp4 and --rank >= 1")
     if cfg.rank == 0 and cfg.quant != "none":
         raise ValueError("--rank 0 (full fine-tuning) needs --quant none: a quantized base "
                          "cannot be trained")

@@ -144,9 +144,8 @@ class Scorer:
                 "loss": float((nll * valid).sum() / max(valid.sum(), 1)),
                 "scoring": "greedy exact match (teacher-forced argmax)"}
 
-    def __call__(self, params) -> dict:
-        if not self.classify:
-            return self._exact_match(params)
+    def predict(self, params) -> np.ndarray:
+        """The index into ``classes`` of each example's most likely answer (classification)."""
         scores = np.zeros((self.n, len(self.classes)))
         first = None
         for w, c in enumerate(self.rows_for):
@@ -158,7 +157,12 @@ class Scorer:
         for c, toks in enumerate(self.cand):
             if len(toks) == 1:
                 scores[:, c] = first[:, toks[0]]
-        pred = scores.argmax(1)
+        return scores.argmax(1)
+
+    def __call__(self, params) -> dict:
+        if not self.classify:
+            return self._exact_match(params)
+        pred = self.predict(params)
         acc = float((pred == self.labels).mean())
         counts = {self.classes[c]: int((pred == c).sum()) for c in range(len(self.classes))}
         return {"accuracy": acc, "predicted": counts,

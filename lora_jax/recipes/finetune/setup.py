@@ -18,6 +18,7 @@ from lora_jax.lora import lorafy
 from lora_jax.models import default_model_path, from_pretrained, load_tokenizer
 from lora_jax.quant import quantize
 from lora_jax.recipes.finetune.config import SMOLLM2_HF_NAME, FinetuneConfig
+from lora_jax.variants import loftq_init
 
 __all__ = ["Base", "adapt", "load_base"]
 
@@ -41,9 +42,16 @@ def load_base(cfg: FinetuneConfig) -> Base:
 
 
 def adapt(cfg: FinetuneConfig, params):
-    """The tree that trains: ``params`` itself (rank 0), else LoRA on the (quantized) base."""
+    """The tree that trains: ``params`` itself (rank 0), else LoRA on the (quantized) base.
+
+    ``init="loftq"`` quantizes the same way (kind, blocks of 64, double quant) but fits
+    A/B to the quantization error (one LoftQ iteration, PEFT's default ``loftq_iter``), so
+    ``deq(Q) + s*A@B`` starts closer to the pretrained weights than ``deq(Q)`` does."""
     if cfg.rank == 0:
         return params
+    if cfg.init == "loftq":
+        return loftq_init(params, cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
+                          kind=cfg.quant)
     if cfg.quant != "none":
         params = jax.jit(lambda p: quantize(p, cfg.quant, targets=cfg.targets))(params)
     return lorafy(params, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
