@@ -3,12 +3,15 @@
 :func:`generate` decodes a batch in one jitted loop; :func:`stream_tokens` yields one
 sequence's tokens as they come (a python loop over a jitted single-token step, with
 top-p sampling); :func:`generate_batch` decodes prompts of different lengths greedily,
-left-padded into fixed-shape batches.
+left-padded into fixed-shape batches. ``adapter_ids=`` gives each row its own adapter of a
+:func:`~lora_jax.stack_adapters` tree: one base pass per step plus each row's A/B.
 
 Example::
 
     tokens = generate(model, params, prompt_ids, max_new_tokens=20, eos_id=tokenizer.eos_id)
     tokens = generate(model, lora_params, prompt_ids, 20, apply_fn=lora_jax.lora(model.apply))
+    many = lora_jax.stack_adapters({"fr": fr_params, "de": de_params}, pad_ranks=True)
+    tokens = generate(model, many, prompt_ids_3_rows, 20, adapter_ids=["de", None, "fr"])
     for t in stream_tokens(model, params, prompt_ids, 20, eos_id=tokenizer.eos_id):
         print(t)
 """
@@ -22,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.lora import lora
 from lora_jax.models.llama import LlamaForCausalLM, init_cache
+from lora_jax.variants import adapter_ids as _adapter_ids
+from lora_jax.variants import with_adapter_ids
 
 __all__ = ["generate", "generate_batch", "stream_tokens"]
 
@@ -35,6 +41,25 @@ def _eos_tuple(eos_id) -> tuple[int, ...]:
     if isinstance(eos_id, (list, tuple)):
         return tuple(int(e) for e in eos_id)
     return (int(eos_id),)
+
+
+@functools.lru_cache(maxsize=8)
+def _lora_apply(model) -> Callable:
+    # One function per model: jitted decoding keys its cache on apply_fn, so repeated calls
+    # with adapter_ids (and no apply_fn) compile once.
+    return lora(model.apply)
+
+
+def _row_ids(where: str, params, ids, rows: int) -> np.ndarray:
+    """``ids`` (one adapter name / index / None per prompt row) as int32 [rows], checked."""
+    try:
+        ids = _adapter_ids(params, np.asarray(ids).tolist() if hasattr(ids, "dtype") else ids)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: adapter_ids: {str(e).removeprefix('adapter_ids: ')}") from None
+    if ids.shape[0] != rows:
+        raise ValueError(f"{where}: adapter_ids has {ids.shape[0]} entries for {rows} prompt "
+                         "rows; give one adapter name, index or None (base) per row.")
+    return np.asarray(ids)
 
 
 def _sample(logits: Array, temperature: float, key: Array | None) -> Array:
@@ -97,6 +122,7 @@ def generate(
     key: Array | None = None,
     eos_id: int | tuple[int, ...] | None = None,
     apply_fn: Callable | None = None,
+    adapter_ids: Sequence | None = None,
 ):
     """Greedy (``temperature=0``) or sampled decoding with a static-shape KV cache.
 
@@ -111,7 +137,11 @@ def generate(
       eos_id: token id(s) ending a sequence; once emitted the row is padded with
         the (first) EOS id and decoding stops early when every row is done.
       apply_fn: ``apply_fn(variables, input_ids, cache=cache) -> (logits, cache)``;
-        defaults to ``model.apply`` (pass e.g. ``lora_jax.lora(model.apply)``).
+        defaults to ``model.apply`` (pass e.g. ``lora_jax.lora(model.apply)``), or to
+        ``lora_jax.lora(model.apply)`` when ``adapter_ids`` is given.
+      adapter_ids: for a :func:`~lora_jax.stack_adapters` tree, one adapter name, index
+        or ``None`` (base) per prompt row, e.g. ``["de", None, "fr"]`` for 3 rows (through
+        :func:`~lora_jax.with_adapter_ids`; ids are data: a new assignment never recompiles).
 
     Returns:
       int32 tokens [B, T + max_new_tokens] (or [T + max_new_tokens] for a 1-D
@@ -123,6 +153,9 @@ def generate(
         prompt = prompt[None, :]
     if prompt.ndim != 2:
         raise ValueError(f"prompt_ids must be [T] or [B, T], got shape {prompt.shape}")
+    if adapter_ids is not None:
+        ids = _row_ids("generate", params, adapter_ids, prompt.shape[0])
+        params, apply_fn = with_adapter_ids(params, ids), apply_fn or _lora_apply(model)
     if max_new_tokens < 1:
         return prompt[0] if squeeze else prompt
     temperature = float(temperature)
@@ -255,15 +288,22 @@ def generate_batch(
     eos_id: int | tuple[int, ...] | None = None,
     batch_size: int = 16,
     apply_fn: Callable | None = None,
+    adapter_ids: Sequence | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of prompts of different lengths, ``batch_size`` at a time.
 
     Prompts are left-padded to the longest one (padding masked, positions shifted), so
     every batch has one shape and compiles once. Returns each prompt's new tokens, cut
     after its first EOS (included), as :func:`generate` greedy would produce them alone.
+    ``adapter_ids`` (one adapter name, index or ``None`` per prompt) decodes each prompt
+    with its own adapter of a :func:`~lora_jax.stack_adapters` tree, as in :func:`generate`.
     """
     if not prompts or min(len(p) for p in prompts) < 1:
         raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    ids = None
+    if adapter_ids is not None:
+        ids = _row_ids("generate_batch", params, adapter_ids, len(prompts))
+        apply_fn = apply_fn or _lora_apply(model)
     eos_ids = _eos_tuple(eos_id)
     width = max(len(p) for p in prompts)
     rows = np.zeros((len(prompts), width), np.int32)
@@ -272,14 +312,14 @@ def generate_batch(
         rows[r, pad[r]:] = p
     out = []
     for s in range(0, len(prompts), batch_size):
-        ids, pd = rows[s: s + batch_size], pad[s: s + batch_size]
-        n = ids.shape[0]
-        if n < batch_size:    # one compiled shape: repeat the last row
-            ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - n, 0)])
-            pd = np.concatenate([pd, np.repeat(pd[-1:], batch_size - n, 0)])
+        chunk = [a[s: s + batch_size] for a in (rows, pad, ids) if a is not None]
+        n = chunk[0].shape[0]
+        # one compiled shape: repeat the last row (and its adapter)
+        chunk = [np.concatenate([a, np.repeat(a[-1:], batch_size - n, 0)]) for a in chunk]
+        p = params if ids is None else with_adapter_ids(params, chunk[2])
         toks = np.asarray(_greedy_padded(model.apply if apply_fn is None else apply_fn,
-                                         model.config, params, ids, pd, int(max_new_tokens),
-                                         eos_ids))[:n]
+                                         model.config, p, chunk[0], chunk[1],
+                                         int(max_new_tokens), eos_ids))[:n]
         for row in toks.tolist():
             ends = [i for i, t in enumerate(row) if t in eos_ids]
             out.append(row[: ends[0] + 1] if ends else row)
