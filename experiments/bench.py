@@ -29,7 +29,7 @@ import optax
 
 import lora_jax as lj
 from experiments import REPO, RESULTS, repo_relative
-from lora_jax.models import LlamaConfig, LlamaForCausalLM, llama
+from lora_jax.models import LlamaConfig, LlamaForCausalLM, llama, lm_loss
 
 TARGETS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
 
@@ -227,7 +227,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--out", type=pathlib.Path, default=None)
+    ap.add_argument("--only", default=None,
+                    help="comma-separated variant names to run (default: all), e.g. "
+                         "step_ours,step_ours_fused,step_hand_fused")
+    ap.add_argument("--chunk", type=int, default=1024,
+                    help="tokens per chunk of the fused cross-entropy variants")
     args = ap.parse_args(argv)
+    only = None if args.only is None else set(args.only.split(","))
 
     cfg_kwargs = CONFIGS[args.model]
     cfg = LlamaConfig(**cfg_kwargs)
@@ -255,13 +261,25 @@ def main(argv=None):
     def loss_ours(tr, fr, ids):
         return ce_loss(apply({"params": lj.combine(tr, fr)}, ids), ids)
 
-    variants = [
-        Variant("fwd_base", fwd_base, (base, ids)),
-        Variant("fwd_merged", fwd_base, (lj.merge(lp), ids)),
-        Variant("fwd_ours", fwd_ours, (lp, ids)),
-        Variant("step_full", adam_step(tx, loss_full), (base, tx.init(base), ids), donate=(0, 1)),
-        Variant("step_ours", adam_step(tx, loss_ours), (tr, tx.init(tr), fr, ids), donate=(0, 1)),
-    ]
+    fused_ours = lj.lora(lambda p, ids: lm_loss(model, p, ids, chunk=args.chunk,
+                                                head_grad=False))
+
+    def loss_ours_fused(tr, fr, ids):
+        return fused_ours(lj.combine(tr, fr), ids)
+
+    variants = []
+
+    def add(name, fn, args_, donate=()):
+        if only is None or name in only:
+            variants.append(Variant(name, fn, args_, donate))
+
+    add("fwd_base", fwd_base, (base, ids))
+    add("fwd_merged", fwd_base, (lj.merge(lp), ids))
+    add("fwd_ours", fwd_ours, (lp, ids))
+    add("step_full", adam_step(tx, loss_full), (base, tx.init(base), ids), donate=(0, 1))
+    add("step_ours", adam_step(tx, loss_ours), (tr, tx.init(tr), fr, ids), donate=(0, 1))
+    add("step_ours_fused", adam_step(tx, loss_ours_fused), (tr, tx.init(tr), fr, ids),
+        donate=(0, 1))
     # The hand-written model swaps llama's Dense factory; Variant traces and compiles at
     # construction, so the swap only needs to cover these two.
     with hand_written(args.rank, alpha / args.rank):
@@ -278,21 +296,29 @@ def main(argv=None):
         def loss_hand(tr, fr, ids):
             return ce_loss(hand_model.apply({"params": lj.combine(tr, fr)}, ids), ids)
 
-        variants.insert(3, Variant("fwd_hand", fwd_hand, (hp, ids)))
-        variants.append(Variant("step_hand", adam_step(tx, loss_hand),
-                                (h_tr, tx.init(h_tr), h_fr, ids), donate=(0, 1)))
+        def loss_hand_fused(tr, fr, ids):
+            return lm_loss(hand_model, lj.combine(tr, fr), ids, chunk=args.chunk,
+                           head_grad=False)
+
+        add("fwd_hand", fwd_hand, (hp, ids))
+        add("step_hand", adam_step(tx, loss_hand), (h_tr, tx.init(h_tr), h_fr, ids),
+            donate=(0, 1))
+        add("step_hand_fused", adam_step(tx, loss_hand_fused),
+            (h_tr, tx.init(h_tr), h_fr, ids), donate=(0, 1))
     qp = lj.lorafy(lj.quantize(base, "nf4", targets=TARGETS), rank=args.rank, alpha=alpha,
                    targets=TARGETS, key=key)
     q_tr, q_fr = lj.split(qp)
-    variants.append(Variant("step_qlora", adam_step(tx, loss_ours),
-                            (q_tr, tx.init(q_tr), q_fr, ids), donate=(0, 1)))
+    add("step_qlora", adam_step(tx, loss_ours), (q_tr, tx.init(q_tr), q_fr, ids),
+        donate=(0, 1))
+    add("step_qlora_fused", adam_step(tx, loss_ours_fused), (q_tr, tx.init(q_tr), q_fr, ids),
+        donate=(0, 1))
     bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
     bp = lj.lorafy(bf, rank=args.rank, alpha=alpha, targets=TARGETS, key=key)
     b_tr, b_fr = lj.split(bp)
-    variants.append(Variant("step_lora_bf16base", adam_step(tx, loss_ours),
-                            (b_tr, tx.init(b_tr), b_fr, ids), donate=(0, 1)))
+    add("step_lora_bf16base", adam_step(tx, loss_ours), (b_tr, tx.init(b_tr), b_fr, ids),
+        donate=(0, 1))
     qwix_note = None
-    if not args.no_peers:
+    if not args.no_peers and (only is None or "step_qwix" in only):
         try:
             qv, qwix_note = qwix_variant(model, ids, args.rank, alpha, tx)
         except Exception as e:                      # a peer failing must not sink the run
@@ -326,17 +352,28 @@ def main(argv=None):
         "LoRA/full grad-step FLOPs (hand)": ratio("step_hand", "step_full", "flops"),
         "LoRA/full grad-step wall (ours)": ratio("step_ours", "step_full", "wall"),
         "QLoRA/LoRA grad-step wall": ratio("step_qlora", "step_ours", "wall"),
+        "QLoRA/LoRA grad-step wall (fused CE)": ratio("step_qlora_fused", "step_ours_fused",
+                                                      "wall"),
+        "ours/hand grad-step FLOPs (fused CE)": ratio("step_ours_fused", "step_hand_fused",
+                                                      "flops"),
+        "ours/hand grad-step wall (fused CE)": ratio("step_ours_fused", "step_hand_fused",
+                                                     "wall"),
+        "fused/full-logits CE grad-step wall (ours)": ratio("step_ours_fused", "step_ours",
+                                                            "wall"),
         "bf16-base LoRA/LoRA grad-step wall": ratio("step_lora_bf16base", "step_ours", "wall"),
         "ours/qwix grad-step wall": ratio("step_ours", "step_qwix", "wall"),
     }
     if peft and "median_s" in peft:
-        ratios["ours/HF PEFT grad-step wall"] = by["step_ours"].median / peft["median_s"]
+        for name, label in (("step_ours", ""), ("step_ours_fused", " (ours: fused CE)")):
+            if name in by:
+                ratios[f"ours/HF PEFT grad-step wall{label}"] = by[name].median / peft["median_s"]
     report = {
         "model": args.model, "config": cfg_kwargs, "batch": args.batch, "seq": args.seq,
         "tokens_per_step": args.batch * args.seq, "rank": args.rank, "reps": args.reps,
         "params": int(sum(x.size for x in jax.tree.leaves(base))),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, jax {jax.__version__} "
                    f"{jax.default_backend()}",
+        "chunk": args.chunk, "only": args.only,
         "variants": rows, "ratios": ratios, "peft": peft, "qwix_note": qwix_note,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +46,19 @@ def randomize(params, key, fields=("b",), scale=0.3, node_type=None):
     return jax.tree.unflatten(treedef, out)
 
 
+def randomize_zero_factors(params, key, scale=0.3):
+    """Draw every all-zero factor: B after a default lorafy, and also A of an embedding
+    (PEFT's init zeroes the vocabulary-side factor), so that every adapter changes the output."""
+    flat, treedef = jax.tree.flatten(params, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+    out = []
+    for k, leaf in zip(jax.random.split(key, len(flat)), flat):
+        if isinstance(leaf, lj.LoraWeight):
+            zero = tuple(f for f in ("a", "b") if not np.any(np.asarray(getattr(leaf, f))))
+            leaf = randomize(leaf, k, zero, scale) if zero else leaf
+        out.append(leaf)
+    return jax.tree.unflatten(treedef, out)
+
+
 def randomize_b(params, key, scale=0.3):
     """Give every LoraWeight a random B so the adapter changes the output."""
     return randomize(params, key, ("b",), scale)
@@ -77,7 +91,8 @@ def check_lora_matches_merged(fn, params, args, *, key, targets=None, rank=2, la
     """The core contract, for any fn(params, *args) -> array.
 
     1. B = 0: lora(fn) is bit-equal to fn on the base.
-    2. random B: lora(fn)(p) == fn(merge(p)), eager and jitted.
+    2. random B (and A where the init zeroes it): lora(fn)(p) == fn(merge(p)), eager
+       and jitted.
     3. gradients w.r.t. A and B equal those through the merged form.
     """
     k1, k2 = jax.random.split(key)
@@ -87,7 +102,7 @@ def check_lora_matches_merged(fn, params, args, *, key, targets=None, rank=2, la
     zero = f(lp, *args)
     np.testing.assert_array_equal(np.asarray(zero), np.asarray(base))
 
-    lp = randomize_b(lp, k2)
+    lp = randomize_zero_factors(lp, k2)
     ref = fn(lj.merge(lp), *args)
     close(f(lp, *args), ref, tol)
     if jit:
@@ -132,3 +147,23 @@ def random_hf_llama(torch, transformers, *, seed=0, **config):
         for p in hf.parameters():
             p.normal_(0.0, 0.3)
     return hf
+
+
+class Block(nn.Module):
+    """A pre-norm residual MLP block (5 -> 9 -> 5), the body of :class:`Stack`."""
+
+    @nn.compact
+    def __call__(self, h, _):
+        y = nn.Dense(9, name="up")(nn.LayerNorm()(h))
+        return h + nn.Dense(5, name="down")(jax.nn.gelu(y)), None
+
+
+class Stack(nn.Module):
+    """Three :class:`Block` layers under ``nn.scan(nn.remat(...))``: stacked [3, ...] kernels."""
+
+    @nn.compact
+    def __call__(self, x):
+        layers = nn.scan(nn.remat(Block), variable_axes={"params": 0},
+                         split_rngs={"params": True}, length=3)
+        h, _ = layers(name="layers")(x, None)
+        return h

@@ -6,6 +6,8 @@ from lora_jax.models.configs import llama_config
 from lora_jax.models.decoding import generate
 from lora_jax.models.decoding import generate_batch
 from lora_jax.models.decoding import stream_tokens
+from lora_jax.models.losses import fused_cross_entropy
+from lora_jax.models.losses import lm_loss
 from lora_jax.models.gguf import gguf_to_hf_state_dict
 from lora_jax.models.hf import hf_state_dict_to_params
 from lora_jax.models.hf import load_hf_state_dict
@@ -36,12 +38,14 @@ __all__ = (
     "fetch_wheel",
     "format_chatml",
     "from_pretrained",
+    "fused_cross_entropy",
     "generate",
     "generate_batch",
     "gguf_to_hf_state_dict",
     "hf_state_dict_to_params",
     "init_cache",
     "llama_config",
+    "lm_loss",
     "load_config",
     "load_hf_state_dict",
     "load_tokenizer",

@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 import lora_jax as lj
-from helpers import check_lora_matches_merged, close, randomize_b
+from helpers import Stack, check_lora_matches_merged, close, randomize_b
 
 DTYPES = [(jnp.float32, 2e-5, 2e-4), (jnp.bfloat16, 3e-2, 6e-2)]
 
@@ -102,22 +102,6 @@ def test_embed_lookup_and_attend(key):
     fn, p = _linen(m, ids, key)
     lp = check_lora_matches_merged(fn, p, (ids,), key=key, targets=["embedding", "kernel"])
     lj.lora(fn, strict=True)(lp, ids)   # gather and transposed dot have rules
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, h, _):
-        y = nn.Dense(9, name="up")(nn.LayerNorm()(h))
-        return h + nn.Dense(5, name="down")(jax.nn.gelu(y)), None
-
-
-class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        layers = nn.scan(nn.remat(Block), variable_axes={"params": 0},
-                         split_rngs={"params": True}, length=3)
-        h, _ = layers(name="layers")(x, None)
-        return h
 
 
 def test_scan_remat_stack(key):

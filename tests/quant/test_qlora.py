@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_transform import Stack
 
 import lora_jax as lj
-from helpers import check_lora_matches_merged, close, randomize_b, tx_update
+from helpers import Stack, check_lora_matches_merged, close, randomize_b, tx_update
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int4"])
