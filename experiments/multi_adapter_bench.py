@@ -24,10 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import pathlib
-import platform
 import statistics
 import time
 
@@ -36,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from experiments import RESULTS, repo_relative
+from experiments import RESULTS, machine, repo_relative, write_json
 from lora_jax.models import LlamaConfig, LlamaForCausalLM
 
 TARGETS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
@@ -136,13 +132,9 @@ def main():
         "all_s": times,
         "mixed_vs_row_alone_max_abs_err": err,
         "jit_compilations_mixed": compiles_multi,
-        "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-                    "cpu_count": os.cpu_count()},
+        "machine": machine(),
     }
-    out_path = pathlib.Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
+    out_path = write_json(args.out, result)
     print(f"{'variant':<12} {'median ms':>10} {'x single':>9}")
     for k in order:
         print(f"{k:<12} {med[k] * 1e3:10.2f} {med[k] / med['single']:9.2f}")

@@ -29,10 +29,6 @@ otherwise the run exits 1. Writes experiments/results/multi_adapter_generate.jso
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -42,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from experiments import RESULTS, repo_relative
+from experiments import RESULTS, machine, repo_relative, write_json
 from lora_jax.models import LlamaConfig, LlamaForCausalLM, decoding, generate
 
 TARGETS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
@@ -188,13 +184,9 @@ def main(argv=None) -> int:
         "median_s": {f"{k}/new={m}": v for (k, m), v in med.items()},
         "all_s": {f"{k}/new={m}": v for (k, m), v in times.items()},
         "checks": ok,
-        "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-                    "cpu_count": os.cpu_count()},
+        "machine": machine(),
     }
-    out_path = pathlib.Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
+    out_path = write_json(args.out, result)
     print(f"{'variant':<12} {'new tok/s':>10} {'x single':>9} {'decode tok/s':>13} {'x single':>9}")
     for k in variants:
         print(f"{k:<12} {tok_s[k]:10.0f} {tok_s[k] / tok_s['single']:9.2f} "
