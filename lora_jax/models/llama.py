@@ -30,13 +30,13 @@ Usage (loading lives in :mod:`lora_jax.models.loading`, decoding in
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.models.attention import attention
 from lora_jax.models.configs import LlamaConfig
 from lora_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -86,7 +86,6 @@ class LlamaAttention(nn.Module):
         cfg = self.config
         B, T, _ = x.shape
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        G = H // KV
         # Project first, reshape the activations (never the kernels).
         q = _dense(cfg, H * hd, cfg.attention_bias, "q_proj")(x).reshape(B, T, H, hd)
         k = _dense(cfg, KV * hd, cfg.attention_bias, "k_proj")(x).reshape(B, T, KV, hd)
@@ -105,12 +104,7 @@ class LlamaAttention(nn.Module):
             k = k.astype(cfg.dtype)
             v = v.astype(cfg.dtype)
 
-        qg = q.reshape(B, T, KV, G, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(hd))
-        scores = jnp.where(mask[:, None, None, :, :], scores, -1e30)  # mask: [B, T, S]
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        out = attention(q, k, v, mask)  # mask: [B, T, S]
         out = out.reshape(B, T, H * hd)
         out = _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out)
         return out, new_cache

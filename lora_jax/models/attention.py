@@ -1,0 +1,99 @@
+"""Grouped-query softmax attention whose backward pass keeps no [T, S] tensor.
+
+Differentiating the textbook ``softmax(q kᵀ) v`` makes every layer keep its [B, H, T, S]
+probabilities for the backward pass; under ``nn.scan`` that is a stacked [L, B, H, T, S]
+residual which XLA zero-fills, writes and reads back each step. On a 2-core CPU that
+bookkeeping cost more than the attention matmuls themselves. :func:`attention` keeps only
+q, k, v, the output and two per-row softmax statistics, and recomputes the probabilities in the
+backward pass (the flash-attention backward, without tiling). The einsums run head-major
+and are ordered so the [T, S]-sized operands are always consumed in their natural layout:
+only the small [*, hd] operands are ever transposed.
+
+    >>> import jax, jax.numpy as jnp
+    >>> q = jnp.ones((1, 5, 6, 4)); k = v = jnp.ones((1, 5, 2, 4))   # 6 query, 2 kv heads
+    >>> mask = jnp.tril(jnp.ones((5, 5), bool))[None]
+    >>> attention(q, k, v, mask).shape
+    (1, 5, 6, 4)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["attention"]
+
+_MASKED = -1e30  # not -inf: a row with no visible key then averages all keys instead of NaN
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``softmax(q kᵀ / sqrt(hd) where mask) v`` for q [B, T, H, hd], k/v [B, S, KV, hd].
+
+    ``mask`` is bool [B, T, S] (True = attend); H must be a multiple of KV (query head h
+    reads kv head h // (H // KV)). Scores and softmax are float32; the output has q's dtype.
+    """
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    if H % KV:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({KV})")
+    qh, kh, vh = _heads(q, KV), _heads(k, KV), _heads(v, KV)
+    out = _attend(qh, kh, vh, mask)                                     # [B, KV, G*T, hd]
+    return out.reshape(B, KV, H // KV, T, hd).transpose(0, 3, 1, 2, 4).reshape(q.shape)
+
+
+def _heads(x, kv):
+    """[B, T, kv*G, hd] -> [B, kv, G*T, hd]: one matrix of rows per kv head."""
+    B, T, H, hd = x.shape
+    g = H // kv
+    return x.reshape(B, T, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(B, kv, g * T, hd)
+
+
+def _scores(qh, kh, mask):
+    """Scaled, masked float32 scores [B, KV, G*T, S]."""
+    B, KV, GT, hd = qh.shape
+    T, S = mask.shape[1:]
+    s = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
+    s = s.reshape(B, KV, GT // T, T, S) * (1.0 / math.sqrt(hd))
+    s = jnp.where(mask[:, None, None], s, _MASKED)
+    return s.reshape(B, KV, GT, S)
+
+
+@jax.custom_vjp
+def _attend(qh, kh, vh, mask):
+    return _attend_fwd(qh, kh, vh, mask)[0]
+
+
+def _attend_fwd(qh, kh, vh, mask):
+    s = _scores(qh, kh, mask)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    p = (e / total).astype(vh.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", p, vh)
+    # m and log(total) apart: in a row with no visible key m = -1e30 swallows log(S)
+    return out, (qh, kh, vh, mask, out, m[..., 0], jnp.log(total)[..., 0])  # [B, KV, G*T]
+
+
+def _attend_bwd(res, dout):
+    qh, kh, vh, mask, out, m, log_total = res
+    f32 = jnp.float32
+    p = jnp.exp(_scores(qh, kh, mask) - m[..., None] - log_total[..., None])  # [B, KV, G*T, S]
+    # Gradients w.r.t. k and v contract over the G*T rows: put the small [G*T, hd] operand
+    # first so the [G*T, S] one is read as is, and transpose the small [hd, S] result.
+    dv = jnp.einsum("bkqd,bkqs->bkds", dout, p.astype(dout.dtype), preferred_element_type=f32)
+    dp = jnp.einsum("bkqd,bksd->bkqs", dout, vh, preferred_element_type=f32)
+    delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    ds = p * (dp - delta) * (1.0 / math.sqrt(qh.shape[-1]))
+    # masked scores are constants: no gradient, even in a row where every key is masked
+    B, KV, GT, S = ds.shape
+    T = mask.shape[1]
+    ds = jnp.where(mask[:, None, None], ds.reshape(B, KV, GT // T, T, S), 0.0).reshape(ds.shape)
+    dq = jnp.einsum("bkqs,bksd->bkqd", ds.astype(kh.dtype), kh, preferred_element_type=f32)
+    dk = jnp.einsum("bkqd,bkqs->bkds", qh, ds.astype(qh.dtype), preferred_element_type=f32)
+    return (dq.astype(qh.dtype), jnp.swapaxes(dk, -1, -2).astype(kh.dtype),
+            jnp.swapaxes(dv, -1, -2).astype(vh.dtype), None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
