@@ -11,7 +11,8 @@
   a new LoraWeight.
 With ``lora(fn, dropout=p)`` the dot and conv rules drop out the adapter's input
 (``ctx.drop``), never the base path's.
-W0 always enters under ``stop_gradient``: it is frozen by construction.
+W0 is frozen by construction: :func:`lora_jax.lora` puts it under ``stop_gradient`` on the
+way in (not here: see ``transform._freeze``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,16 @@ _LAYOUT_FIX = ("Build the adapter with lorafy(..., fn=fn, args=example_args) so 
 
 
 def _base(eqn, invals, w):
-    frozen = lax.stop_gradient(dense(w.w0))
-    return compat.bind(eqn, *[frozen if v is w else v for v in invals])
+    at = next(i for i, v in enumerate(invals) if v is w)
+
+    def bind(w0, *others):
+        return compat.bind(eqn, *others[:at], dense(w0), *others[at:])
+
+    if is_implicit(w.w0):
+        # A quantized w0 is dequantized again for the backward pass instead of being kept:
+        # kept, it is a full-precision copy of every frozen weight (stacked, under scan).
+        bind = jax.checkpoint(bind, policy=jax.checkpoint_policies.nothing_saveable)
+    return bind(w.w0, *invals[:at], *invals[at + 1:])
 
 
 def _einsum(a, la, b, lb, out, **kw):

@@ -14,10 +14,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable
+
+import jax
+from jax import lax
 
 from lora_jax.core import checks, interpret, register
 from lora_jax.lora import rules as _rules  # noqa: F401  (registers LoraWeight's rules)
+from lora_jax.lora.weight import AdapterNode
 
 
 def lora(fn: Callable | None = None, *, strict: bool = False, dropout: float = 0.0) -> Callable:
@@ -61,7 +67,30 @@ def lora(fn: Callable | None = None, *, strict: bool = False, dropout: float = 0
             or not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora: dropout must be a number in [0, 1), got {dropout!r}; it is "
                          "the probability of dropping an adapter input element (e.g. 0.05).")
-    return interpret(fn, strict=strict, dropout=float(dropout))
+    if fn is None:
+        return functools.partial(lora, strict=strict, dropout=dropout)
+    inner = interpret(fn, strict=strict, dropout=float(dropout))
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        return inner(*_freeze(args), **_freeze(kwargs))
+
+    return wrapped
+
+
+def _freeze(tree):
+    """Every adapter node's ``w0`` under ``stop_gradient``, once, on the way in.
+
+    The rules then use ``w0`` as it comes. Inside a scanned body a ``stop_gradient``
+    would turn each layer's slice of ``w0`` into a new value, which JAX then saves for the
+    backward pass: a stacked copy of every frozen weight, written on every step.
+    """
+    def freeze(x):
+        if isinstance(x, AdapterNode) and x.w0 is not None:
+            return dataclasses.replace(x, w0=jax.tree.map(lax.stop_gradient, x.w0))
+        return x
+
+    return jax.tree.map(freeze, tree, is_leaf=lambda x: isinstance(x, AdapterNode))
 
 
 def register_dot_rule(node_type: type, rule: Callable) -> None:

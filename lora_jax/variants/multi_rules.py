@@ -1,6 +1,6 @@
 """MultiLoraWeight's rules: per-row adapters in a matmul, an embedding lookup, a convolution.
 
-Each rule computes the base once for the whole batch (``w0`` under ``stop_gradient``)
+Each rule computes the base once for the whole batch (``w0`` frozen by ``lora``)
 and adds, for every batch row, the low-rank part of that row's adapter (``ids[row]``;
 -1 = none), gathered from the stacked A/B; rows of a DoRA adapter are then scaled by
 its ``m / ||w0 + s*a@b||`` per output feature. See :mod:`lora_jax.variants.multi` for
@@ -113,7 +113,7 @@ def _multi_dot_rule(eqn, invals, ctx):
         raise TypeError("MultiLoraWeight: axis 0 of the activation must be the batch-row axis, "
                         "but dot_general contracts it.")
     precision = eqn.params.get("precision")
-    base = compat.bind(eqn, lhs, lax.stop_gradient(dense(w.w0)))
+    base = compat.bind(eqn, lhs, dense(w.w0))
     idx, row_scale, valid = _rows(w, lhs.dtype)
     a_g = jnp.take(w.a, idx, axis=0).astype(lhs.dtype)                  # [B, *I, r]
     b_g = jnp.take(w.b, idx, axis=0).astype(lhs.dtype)                  # [B, r, *O]
@@ -140,7 +140,7 @@ def _multi_gather_rule(eqn, invals, ctx):
             or tuple(getattr(dn, "operand_batching_dims", ())) != () or dn.offset_dims[0] == 0):
         return NotImplemented
     _check(w, tok.shape[0], "gather (embedding lookup)")
-    base = compat.bind(eqn, lax.stop_gradient(dense(w.w0)), tok)
+    base = compat.bind(eqn, dense(w.w0), tok)
     dtype = base.dtype
     idx, row_scale, valid = _rows(w, dtype)
     rows = jnp.broadcast_to(idx.astype(tok.dtype).reshape((-1, *(1,) * (tok.ndim - 1))),
@@ -170,7 +170,7 @@ def _multi_conv_rule(eqn, invals, ctx):
         return NotImplemented
     lb, ob, of = dn.lhs_spec[0], dn.out_spec[0], dn.out_spec[1]
     _check(w, x.shape[lb], "convolution")
-    base = compat.bind(eqn, x, lax.stop_gradient(dense(w.w0)))
+    base = compat.bind(eqn, x, dense(w.w0))
     idx, row_scale, valid = _rows(w, x.dtype)
     # A [*window, in, r] has W's layout with r for the output features: one conv per row.
 
