@@ -88,7 +88,7 @@ def test_first_decode_step_logits_match_each_row_alone(setup):
     for i, name in enumerate(ROWS):
         ref = prefill_and_step(params if name is None else ads[name], jnp.asarray(prompt[i:i + 1]))
         for got, want in zip(mixed, ref):
-            close(got[i:i + 1], want, 1e-5)
+            close(got[i:i + 1], want, 5e-5)   # batch 4 vs 1: XLA sums in another order
 
 
 def test_sampled_mixed_rows_equal_rows_seeded_identically(setup):

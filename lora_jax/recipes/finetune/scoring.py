@@ -146,6 +146,10 @@ class Scorer:
 
     def predict(self, params) -> np.ndarray:
         """The index into ``classes`` of each example's most likely answer (classification)."""
+        return self.scores(params).argmax(1)
+
+    def scores(self, params) -> np.ndarray:
+        """[N, classes]: each answer's summed token log-likelihood (classification)."""
         scores = np.zeros((self.n, len(self.classes)))
         first = None
         for w, c in enumerate(self.rows_for):
@@ -157,7 +161,7 @@ class Scorer:
         for c, toks in enumerate(self.cand):
             if len(toks) == 1:
                 scores[:, c] = first[:, toks[0]]
-        return scores.argmax(1)
+        return scores
 
     def __call__(self, params) -> dict:
         if not self.classify:
