@@ -50,14 +50,19 @@ def _heads(x, kv):
     return x.reshape(B, T, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(B, kv, g * T, hd)
 
 
+def _masked(x, mask, fill):
+    """``x`` [B, KV, G*T, S] where ``mask`` [B, T, S] (each of the G rows of a query), else
+    ``fill``."""
+    B, KV, GT, S = x.shape
+    T = mask.shape[1]
+    x = jnp.where(mask[:, None, None], x.reshape(B, KV, GT // T, T, S), fill)
+    return x.reshape(B, KV, GT, S)
+
+
 def _scores(qh, kh, mask):
     """Scaled, masked float32 scores [B, KV, G*T, S]."""
-    B, KV, GT, hd = qh.shape
-    T, S = mask.shape[1:]
     s = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
-    s = s.reshape(B, KV, GT // T, T, S) * (1.0 / math.sqrt(hd))
-    s = jnp.where(mask[:, None, None], s, _MASKED)
-    return s.reshape(B, KV, GT, S)
+    return _masked(s * (1.0 / math.sqrt(qh.shape[-1])), mask, _MASKED)
 
 
 @jax.custom_vjp
@@ -85,11 +90,8 @@ def _attend_bwd(res, dout):
     dv = jnp.einsum("bkqd,bkqs->bkds", dout, p.astype(dout.dtype), preferred_element_type=f32)
     dp = jnp.einsum("bkqd,bksd->bkqs", dout, vh, preferred_element_type=f32)
     delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    ds = p * (dp - delta) * (1.0 / math.sqrt(qh.shape[-1]))
     # masked scores are constants: no gradient, even in a row where every key is masked
-    B, KV, GT, S = ds.shape
-    T = mask.shape[1]
-    ds = jnp.where(mask[:, None, None], ds.reshape(B, KV, GT // T, T, S), 0.0).reshape(ds.shape)
+    ds = _masked(p * (dp - delta) * (1.0 / math.sqrt(qh.shape[-1])), mask, 0.0)
     dq = jnp.einsum("bkqs,bksd->bkqd", ds.astype(kh.dtype), kh, preferred_element_type=f32)
     dk = jnp.einsum("bkqd,bkqs->bkds", qh, ds.astype(qh.dtype), preferred_element_type=f32)
     return (dq.astype(qh.dtype), jnp.swapaxes(dk, -1, -2).astype(kh.dtype),
