@@ -56,6 +56,26 @@ def eqn_context(eqn):
     return manager if manager is not None else contextlib.nullcontext()
 
 
+def vjp_only(values) -> bool:
+    """Whether reverse-mode AD (``grad``, ``vjp``) traces ``values`` and nothing runs them forward.
+
+    True when some value's trace chain has a linearize trace built for a vjp and no chain
+    has a forward-mode one (``jvp``, ``jacfwd``, ``jax.linearize``). A ``custom_vjp`` is then
+    safe: JAX cannot run one forward. Transformations applied after staging (``jvp`` of a
+    ``jit``) are invisible here, so anything unsure is False.
+    """
+    found = False
+    for x in values:
+        trace = getattr(x, "_trace", None)
+        while trace is not None:
+            kind = type(trace).__name__
+            if kind == "JVPTrace" or (kind == "LinearizeTrace" and not trace.is_vjp):
+                return False
+            found |= kind == "LinearizeTrace"
+            trace = getattr(trace, "parent_trace", None)
+    return found
+
+
 # Primitive names that moved between versions.
 JIT_NAMES = frozenset({"pjit", "jit", "closed_call", "core_call"})
 REMAT_NAMES = frozenset({"checkpoint", "remat", "remat2"})

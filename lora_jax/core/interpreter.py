@@ -58,8 +58,10 @@ class Context:
     came from, so messages name the parameter even after rules rebuilt it.
     """
 
-    def __init__(self, strict: bool, warned: set, dropout: float = 0.0, key=None):
+    def __init__(self, strict: bool, warned: set, dropout: float = 0.0, key=None,
+                 vjp_only: bool = False):
         self.strict = strict
+        self.vjp_only = vjp_only        # see compat.vjp_only: rules may use custom_vjp
         self.warned = warned            # shared by every call of one interpreted fn
         self.names: dict[int, tuple[object, str]] = {}
         self.reason: str | None = None
@@ -261,7 +263,8 @@ def interpret(fn: Callable | None = None, *, strict: bool = False,
                     cache.clear()
                 cache[key] = hit
         closed, out_tree = hit
-        ctx = Context(strict, warned, dropout, drop_key)
+        ctx = Context(strict, warned, dropout, drop_key,
+                      compat.vjp_only(jax.tree.leaves([dyn, closed.consts])))
         for i in dyn_pos:
             ctx.set_name(leaves[i], _arg_path(flat[i][0]))
         return jax.tree.unflatten(out_tree, eval_jaxpr(closed.jaxpr, closed.consts, dyn, ctx))

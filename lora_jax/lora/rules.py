@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax.core import compat, dense, is_implicit, register
+from lora_jax.lora.factor_dot import einsum, factor_dot
 from lora_jax.lora.weight import LoraWeight
 
 _LAYOUT_FIX = ("Build the adapter with lorafy(..., fn=fn, args=example_args) so its layout is "
@@ -42,10 +43,6 @@ def _base(eqn, invals, w):
         # kept, it is a full-precision copy of every frozen weight (stacked, under scan).
         bind = jax.checkpoint(bind, policy=jax.checkpoint_policies.nothing_saveable)
     return bind(w.w0, *invals[:at], *invals[at + 1:])
-
-
-def _einsum(a, la, b, lb, out, **kw):
-    return jnp.einsum(f"{''.join(la)},{''.join(lb)}->{''.join(out)}", a, b, **kw)
 
 
 @register("dot_general", LoraWeight)
@@ -89,10 +86,11 @@ def dot_rule(eqn, invals, ctx):
     contracted = {wl[p] for p in wc}
     t_l = [lab for lab in xl if lab not in contracted]
     t_l += [lab for lab in fl if lab not in xl]
-    t = _einsum(x_ad, xl, first.astype(x.dtype), fl, t_l, precision=precision)
+    t = einsum(x_ad, xl, first.astype(x.dtype), fl, t_l, precision=precision)
     t = t * jnp.asarray(w.scale, t.dtype)
-    delta = _einsum(t, t_l, second.astype(x.dtype), sl, out, precision=precision,
-                    preferred_element_type=eqn.params.get("preferred_element_type"))
+    delta = factor_dot(t, t_l, second.astype(x.dtype), sl, out, precision=precision,
+                       preferred_element_type=eqn.params.get("preferred_element_type"),
+                       vjp_only=ctx.vjp_only)
     base = _base(eqn, invals, w)
     return base + delta.astype(base.dtype)
 
