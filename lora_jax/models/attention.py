@@ -28,19 +28,40 @@ __all__ = ["attention"]
 _MASKED = -1e30  # not -inf: a row with no visible key then averages all keys instead of NaN
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+              causal: bool = False) -> jax.Array:
     """``softmax(q kᵀ / sqrt(hd) where mask) v`` for q [B, T, H, hd], k/v [B, S, KV, hd].
 
     ``mask`` is bool [B, T, S] (True = attend); H must be a multiple of KV (query head h
     reads kv head h // (H // KV)). Scores and softmax are float32; the output has q's dtype.
+    ``causal=True`` promises that no query sees a later key (S == T and ``mask`` False above
+    the diagonal: a sequence attending to itself, padding allowed). The score blocks above
+    the diagonal are then skipped: row block i of n reads the keys up to its own end (so a
+    query that sees no key at all, left padding, averages its block's values, not all of them).
     """
     B, T, H, hd = q.shape
-    KV = k.shape[2]
+    S, KV = k.shape[1], k.shape[2]
     if H % KV:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({KV})")
-    qh, kh, vh = _heads(q, KV), _heads(k, KV), _heads(v, KV)
-    out = _attend(qh, kh, vh, mask)                                     # [B, KV, G*T, hd]
-    return out.reshape(B, KV, H // KV, T, hd).transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    if causal and S != T:
+        raise ValueError(f"causal attention needs as many keys as queries, got {S} and {T}")
+    n = _causal_blocks(T) if causal else 1
+    size = T // n
+    kh, vh = _heads(k, KV), _heads(v, KV)
+    outs = []
+    for i in range(n):
+        rows, end = slice(i * size, (i + 1) * size), S if n == 1 else (i + 1) * size
+        out = _attend(_heads(q[:, rows], KV), kh[:, :, :end], vh[:, :, :end],
+                      mask[:, rows, :end])                              # [B, KV, G*size, hd]
+        outs.append(out.reshape(B, KV, H // KV, size, hd).transpose(0, 3, 1, 2, 4)
+                    .reshape(B, size, H, hd))
+    return jnp.concatenate(outs, axis=1) if n > 1 else outs[0]
+
+
+def _causal_blocks(T: int) -> int:
+    """Row blocks of a causal attention over T tokens: n blocks compute (n + 1) / 2n of the
+    scores. Blocks of fewer than 128 rows cost more in per-op overhead than they skip."""
+    return next((n for n in (4, 2) if T % n == 0 and T // n >= 128), 1)
 
 
 def _heads(x, kv):

@@ -104,7 +104,8 @@ class LlamaAttention(nn.Module):
             k = k.astype(cfg.dtype)
             v = v.astype(cfg.dtype)
 
-        out = attention(q, k, v, mask)  # mask: [B, T, S]
+        # without a cache the mask is causal (and padding): skip the blocks above the diagonal
+        out = attention(q, k, v, mask, causal=layer_cache is None)  # mask: [B, T, S]
         out = out.reshape(B, T, H * hd)
         out = _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out)
         return out, new_cache

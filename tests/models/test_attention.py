@@ -80,3 +80,34 @@ def test_heads_that_do_not_divide_are_refused(key):
     q, k, v, mask, _ = inputs(key, H=5, KV=2)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("T, blocks", [(512, 4), (258, 2), (255, 1)])
+def test_causal_blocks_equal_the_textbook(key, T, blocks):
+    """causal=True skips the score blocks above the diagonal, with padded keys. A query that
+    sees no key at all (left padding) averages the keys of its block instead of all keys:
+    no value there means anything, so those rows are left out (w = 0)."""
+    from lora_jax.models.attention import _causal_blocks
+    assert _causal_blocks(T) == blocks
+    q, k, v, _, w = inputs(key, B=2, T=T, S=T, H=6, KV=3, hd=4)
+    pad = jnp.ones((2, T), bool).at[0, 3].set(False).at[1, :2].set(False)
+    mask = jnp.tril(jnp.ones((T, T), bool))[None] & pad[:, None, :]
+    seen = mask.any(-1)
+    w = jnp.where(seen[:, :, None, None], w, 0.0)
+    assert not seen.all(), "the rows without a key are there"
+
+    def loss(f, **kw):
+        return lambda q, k, v: jnp.sum(f(q, k, v, mask, **kw) * w)
+
+    out = attention(q, k, v, mask, causal=True)
+    np.testing.assert_allclose(out[seen], textbook(q, k, v, mask)[seen], atol=1e-5)
+    want = jax.grad(loss(textbook), (0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss(attention, causal=True), (0, 1, 2)))(q, k, v)
+    for name, g, e in zip("qkv", got, want):
+        np.testing.assert_allclose(g, e, atol=5e-5, err_msg=f"d{name}")
+
+
+def test_causal_needs_a_square_mask(key):
+    q, k, v, mask, _ = inputs(key)          # T=5 queries, S=7 keys
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        attention(q, k, v, mask, causal=True)
