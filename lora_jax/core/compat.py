@@ -61,15 +61,17 @@ def vjp_only(values) -> bool:
 
     True when some value's trace chain has a linearize trace built for a vjp and no chain
     has a forward-mode one (``jvp``, ``jacfwd``, ``jax.linearize``). A ``custom_vjp`` is then
-    safe: JAX cannot run one forward. Transformations applied after staging (``jvp`` of a
-    ``jit``) are invisible here, so anything unsure is False.
+    safe (JAX cannot run one forward): that vjp turns it into plain forward and backward code
+    before any transformation of an enclosing ``jit`` (``jvp(jit(grad(f)))``) can meet it.
+    Anything unrecognised counts as not reverse mode.
     """
     found = False
     for x in values:
         trace = getattr(x, "_trace", None)
         while trace is not None:
             kind = type(trace).__name__
-            if kind == "JVPTrace" or (kind == "LinearizeTrace" and not trace.is_vjp):
+            forward = kind == "LinearizeTrace" and not getattr(trace, "is_vjp", False)
+            if kind == "JVPTrace" or forward:
                 return False
             found |= kind == "LinearizeTrace"
             trace = getattr(trace, "parent_trace", None)
