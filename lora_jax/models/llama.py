@@ -119,7 +119,32 @@ class LlamaMLP(nn.Module):
         cfg = self.config
         gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
         up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
+        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(swiglu(gate, up))
+
+
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """``silu(gate) * up``, whose backward pass keeps only gate and up.
+
+    Differentiated by JAX it also keeps ``silu(gate)`` (and, scanned, as a stacked [L, T, F]
+    buffer zero-filled and written each step); the sigmoid is cheaper to recompute.
+    """
+    return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, dy):
+    gate, up = (r.astype(jnp.float32) for r in res)
+    dy = dy.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate)
+    dgate = dy * up * sig * (1.0 + gate * (1.0 - sig))
+    return dgate.astype(res[0].dtype), (dy * gate * sig).astype(res[1].dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class LlamaDecoderLayer(nn.Module):
