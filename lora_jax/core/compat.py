@@ -59,21 +59,25 @@ def eqn_context(eqn):
 def vjp_only(values) -> bool:
     """Whether reverse-mode AD (``grad``, ``vjp``) traces ``values`` and nothing runs them forward.
 
-    True when some value's trace chain has a linearize trace built for a vjp and no chain
-    has a forward-mode one (``jvp``, ``jacfwd``, ``jax.linearize``). A ``custom_vjp`` is then
-    safe (JAX cannot run one forward): that vjp turns it into plain forward and backward code
-    before any transformation of an enclosing ``jit`` (``jvp(jit(grad(f)))``) can meet it.
-    Anything unrecognised counts as not reverse mode.
+    True when, walking out from some value's own trace, a linearize trace built for a vjp comes
+    before any staging boundary (``jit``, ``checkpoint``, ...), and no value meets a forward-mode
+    trace (``jvp``, ``jacfwd``, ``jax.linearize``) on the way; ``vmap`` is looked through.
+    A ``custom_vjp`` bound there is safe (JAX cannot run one forward): that vjp turns it into
+    plain code at once. Behind a boundary it would be staged into a cached jaxpr that a later
+    ``jvp`` of the same ``jit`` could meet, so there the answer is False, as for anything
+    unrecognised.
     """
     found = False
     for x in values:
         trace = getattr(x, "_trace", None)
         while trace is not None:
             kind = type(trace).__name__
-            forward = kind == "LinearizeTrace" and not getattr(trace, "is_vjp", False)
-            if kind == "JVPTrace" or forward:
+            if kind == "LinearizeTrace" and getattr(trace, "is_vjp", False):
+                found = True
+            elif kind == "JVPTrace" or kind == "LinearizeTrace":
                 return False
-            found |= kind == "LinearizeTrace"
+            elif kind != "BatchTrace":
+                break                      # a staging boundary, or a trace we do not know
             trace = getattr(trace, "parent_trace", None)
     return found
 

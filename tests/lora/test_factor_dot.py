@@ -30,16 +30,10 @@ def setup(key):
     tr = jax.tree.map(lambda a: a + 0.1, tr)           # B != 0: the adapter path counts
     x = jax.random.normal(k3, (T, D))
 
-    def loss(tr, x, f):
-        return jnp.sum(jnp.sin(f(lj.combine(tr, fr), x)))
+    def loss(f):
+        return lambda tr, x: jnp.sum(jnp.sin(f(lj.combine(tr, fr), x)))
 
-    def adapted(tr, x):
-        return loss(tr, x, lj.lora(mlp))
-
-    def merged(tr, x):
-        return jnp.sum(jnp.sin(mlp(lj.merge(lj.combine(tr, fr)), x)))
-
-    return tr, x, adapted, merged
+    return tr, x, loss, loss(lambda p, x: mlp(lj.merge(p), x))
 
 
 TRANSFORMS = {
@@ -60,10 +54,23 @@ TRANSFORMS = {
 
 @pytest.mark.parametrize("name", TRANSFORMS)
 def test_every_transformation_gives_the_merged_models_derivatives(setup, name):
-    tr, x, adapted, merged = setup
-    got, want = TRANSFORMS[name](adapted, tr, x), TRANSFORMS[name](merged, tr, x)
+    tr, x, loss, merged = setup
+    got, want = TRANSFORMS[name](loss(lj.lora(mlp)), tr, x), TRANSFORMS[name](merged, tr, x)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("stage", [jax.jit, jax.checkpoint])
+def test_forward_mode_after_reverse_mode_through_one_staged_function(setup, stage):
+    """A staged function keeps its traced jaxpr: traced under grad first, it must not hold a
+    custom_vjp that a later jvp of the same function would meet."""
+    tr, x, loss, merged = setup
+    adapted = loss(stage(lj.lora(mlp)))
+    jax.grad(adapted)(tr, x)
+    tangent = jax.tree.map(jnp.ones_like, tr)
+    got = jax.jvp(lambda t: adapted(t, x), (tr,), (tangent,))[1]
+    want = jax.jvp(lambda t: merged(t, x), (tr,), (tangent,))[1]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def _seen(transform, x):
@@ -87,6 +94,10 @@ def _seen(transform, x):
     (lambda f, x: jax.linearize(f, x), False),
     (lambda f, x: jax.hessian(f)(x), False),           # forward over reverse
     (lambda f, x: jax.jvp(jax.grad(f), (x,), (x,)), False),
+    # behind a staging boundary the custom_vjp would sit in a cached jaxpr (see below)
+    (lambda f, x: jax.grad(jax.jit(f))(x), False),
+    (lambda f, x: jax.grad(jax.checkpoint(f))(x), False),
+    (lambda f, x: jax.grad(lambda x: jax.vmap(f)(x[None]).sum())(x), True),
 ])
 def test_reverse_mode_alone_is_recognised(transform, expected):
     assert _seen(transform, jnp.ones(3)) is expected
