@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
 
 
 def einsum(a, la, b, lb, out, **kw):
@@ -27,7 +28,14 @@ def factor_dot(t, t_l, b, b_l, out, *, precision=None, preferred_element_type=No
                vjp_only: bool = False):
     """``einsum(t, B)`` over the label lists ``t_l``, ``b_l`` -> ``out``."""
     spec = (tuple(t_l), tuple(b_l), tuple(out), precision, preferred_element_type)
-    return (_vjp if vjp_only else _plain)(t, b, spec)
+    return (_vjp if vjp_only and not _explicit(t, b) else _plain)(t, b, spec)
+
+
+def _explicit(*xs) -> bool:
+    """Whether any operand is sharded on explicit mesh axes. There the backward's contractions
+    would need output shardings spelled out, which JAX's own transpose does; keep that."""
+    return any(t == AxisType.Explicit for x in xs
+               for t in getattr(jax.typeof(x).sharding.mesh, "axis_types", ()))
 
 
 def _plain(t, b, spec):
