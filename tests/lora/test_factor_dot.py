@@ -94,7 +94,7 @@ def _seen(transform, x):
     (lambda f, x: jax.linearize(f, x), False),
     (lambda f, x: jax.hessian(f)(x), False),           # forward over reverse
     (lambda f, x: jax.jvp(jax.grad(f), (x,), (x,)), False),
-    # behind a staging boundary the custom_vjp would sit in a cached jaxpr (see below)
+    # behind a staging boundary the custom_vjp would sit in a cached jaxpr (test above)
     (lambda f, x: jax.grad(jax.jit(f))(x), False),
     (lambda f, x: jax.grad(jax.checkpoint(f))(x), False),
     (lambda f, x: jax.grad(lambda x: jax.vmap(f)(x[None]).sum())(x), True),
