@@ -6,7 +6,8 @@ fine-tuning, QLoRA vs LoRA, and peers (HF PEFT on torch, qwix) on the same confi
 
 Every variant is compiled first; FLOPs come from XLA's cost analysis and bytes from
 ``compiled.memory_analysis()``; wall time is the median of interleaved repetitions
-(variant order rotates each round), so machine noise hits all variants alike.
+(variant order rotates each round), so machine noise hits all variants alike. HF PEFT
+steps in its own process as one more member of the same rotation.
 Writes experiments/results/bench_<model>.json and prints a table of ratios.
 """
 
@@ -30,6 +31,7 @@ import optax
 import lora_jax as lj
 from experiments import REPO, RESULTS, repo_relative
 from lora_jax.models import LlamaConfig, LlamaForCausalLM, llama, lm_loss
+from lora_jax.recipes import reexec_with_malloc_tunables
 
 TARGETS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
 
@@ -144,13 +146,10 @@ class Variant:
 
 # ----------------------------------------------------------------------------- peers
 
-def peft_step_time(cfg_kwargs, rank, alpha, batch, seq, reps):
-    try:
-        import peft
-        import torch
-        import transformers
-    except ImportError as e:
-        return {"skipped": f"{e}"}
+def _peft_step(cfg_kwargs, rank, alpha, batch, seq):
+    import peft
+    import torch
+    import transformers
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg_kwargs.items()},
@@ -163,32 +162,83 @@ def peft_step_time(cfg_kwargs, rank, alpha, batch, seq, reps):
     ids = torch.randint(0, hf_cfg.vocab_size, (batch, seq))
 
     def step():
+        t0 = time.perf_counter()
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
 
-    step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "torch": torch.__version__,
-            "peft": peft.__version__}
+    return step, {"torch": torch.__version__, "peft": peft.__version__,
+                  "torch_threads": torch.get_num_threads()}
 
 
-def peft_in_subprocess(*a):
-    """torch in its own process: inside this one, XLA's idle CPU thread pools slowed it 30x."""
-    import subprocess
+def peft_worker(*a):
+    """Serve PEFT grad steps over a pipe: a line in, one step, its seconds out."""
     import sys
-    code = ("import json, sys; from experiments.bench import peft_step_time; "
-            "print(json.dumps(peft_step_time(*json.loads(sys.argv[1]))))")
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(a)], capture_output=True,
-                       text=True, cwd=REPO)
-    if r.returncode:
-        return {"skipped": r.stderr[-500:]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    try:
+        step, info = _peft_step(*a)
+    except ImportError as e:
+        print(json.dumps({"skipped": f"{e}"}), flush=True)
+        return
+    info["warmup_s"] = step()
+    print(json.dumps(info), flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(step()), flush=True)
+
+
+class PeftPeer:
+    """HF PEFT on torch as one more variant of the interleaved rounds.
+
+    torch runs in its own process (inside this one, XLA's idle CPU thread pools slowed it
+    30x) and steps only when asked, so each round times both while the machine is the same.
+    """
+
+    name = "step_hf_peft"
+
+    def __init__(self, *a):
+        import subprocess
+        import sys
+        import tempfile
+        code = ("import json, sys; from experiments.bench import peft_worker; "
+                "peft_worker(*json.loads(sys.argv[1]))")
+        self.err = tempfile.TemporaryFile("w+")     # a file, not a pipe: torch's warnings
+        self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(a)], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True)
+        line = self.proc.stdout.readline()
+        self.info = json.loads(line) if line else {"skipped": self._stderr()}
+        self.times = [self.info["warmup_s"]] if "warmup_s" in self.info else []
+
+    def _stderr(self):
+        self.err.seek(0)
+        return self.err.read()[-500:]
+
+    @property
+    def ok(self):
+        return "skipped" not in self.info
+
+    def run(self):
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the PEFT process died: {self._stderr()}")
+        self.times.append(json.loads(line))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.err.close()
+
+    @property
+    def median(self):
+        return statistics.median(self.times[1:])
+
+    def report(self):
+        return {**self.info, "median_s": self.median, "times_s": self.times[1:]} if self.ok \
+            else self.info
 
 
 def qwix_variant(model, ids, rank, alpha, tx):
@@ -326,16 +376,22 @@ def main(argv=None):
         if qv is not None:
             variants.append(qv)
 
+    peer = None if args.no_peers else PeftPeer(cfg_kwargs, args.rank, alpha, args.batch,
+                                                  args.seq)
+    rotation = variants + ([peer] if peer is not None and peer.ok else [])
     # Interleaved repetitions: rotate the order each round.
     for r in range(args.reps):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        order = rotation[r % len(rotation):] + rotation[:r % len(rotation)]
         for v in order:
             v.run()
-    peft = None if args.no_peers else peft_in_subprocess(
-        cfg_kwargs, args.rank, alpha, args.batch, args.seq, max(3, args.reps // 2))
+    peft = None
+    if peer is not None:
+        peer.close()
+        peft = peer.report()
 
     by = {v.name: v for v in variants}
-    rows = {v.name: {"flops": v.flops, "median_s": v.median, "memory": v.mem} for v in variants}
+    rows = {v.name: {"flops": v.flops, "median_s": v.median, "times_s": v.times[1:],
+                     "memory": v.mem} for v in variants}
 
     def ratio(a, b, what):
         if a not in by or b not in by:
@@ -367,6 +423,9 @@ def main(argv=None):
         for name, label in (("step_ours", ""), ("step_ours_fused", " (ours: fused CE)")):
             if name in by:
                 ratios[f"ours/HF PEFT grad-step wall{label}"] = by[name].median / peft["median_s"]
+                # same round, same machine state: robust to drift over the run
+                ratios[f"ours/HF PEFT grad-step wall{label}, median of rounds"] = \
+                    statistics.median(a / b for a, b in zip(by[name].times[1:], peft["times_s"]))
     report = {
         "model": args.model, "config": cfg_kwargs, "batch": args.batch, "seq": args.seq,
         "tokens_per_step": args.batch * args.seq, "rank": args.rank, "reps": args.reps,
@@ -374,6 +433,7 @@ def main(argv=None):
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, jax {jax.__version__} "
                    f"{jax.default_backend()}",
         "chunk": args.chunk, "only": args.only,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),   # PEFT's process inherits it
         "variants": rows, "ratios": ratios, "peft": peft, "qwix_note": qwix_note,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -398,4 +458,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_with_malloc_tunables()   # both arms inherit it
     main()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lora_jax.cli import build_parser, config_from_args
+from lora_jax.recipes import reexec_with_malloc_tunables
 from lora_jax.recipes.finetune import finetune
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -30,4 +31,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_with_malloc_tunables()
     sys.exit(main())

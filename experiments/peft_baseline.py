@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import re
 import subprocess
@@ -54,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import REPO, RESULTS, machine, repo_relative, write_json
+from lora_jax.recipes import reexec_with_malloc_tunables
 from lora_jax.recipes.finetune import DEFAULT_TARGETS, FinetuneConfig
 
 ARMS = ("ours", "peft")
@@ -592,6 +594,7 @@ def main(argv=None) -> int:
                        "own process, one after the other on the same CPU",
         "wall_seconds": time.perf_counter() - t0,
         "machine": machine(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),   # both arms' processes
     }
     out = write_json(a.out, result)
     print_table(cfg, result)
@@ -600,4 +603,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_malloc_tunables()   # both arms inherit it
     sys.exit(main())

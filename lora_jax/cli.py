@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from lora_jax.recipes import reexec_with_malloc_tunables
 from lora_jax.recipes.finetune import (
     INIT_KINDS,
     QUANT_KINDS,
@@ -240,7 +241,13 @@ def config_from_args(ns) -> FinetuneConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; bad arguments or data exit 2 with a one-line message."""
+    """Run one subcommand; bad arguments or data exit 2 with a one-line message.
+
+    Run as a program (``argv`` None) on glibc Linux, it first re-executes itself with
+    :data:`lora_jax.recipes.MALLOC_TUNABLES` (kept step buffers: no page faults).
+    """
+    if argv is None:
+        reexec_with_malloc_tunables()
     ns = build_parser().parse_args(argv)
     debug = ns.debug or os.environ.get("LORA_JAX_DEBUG", "") not in ("", "0")
     try:
