@@ -1,4 +1,4 @@
-"""``experiments.bench`` with HF PEFT stepping in the same rotation: a tiny config, 2 rounds."""
+"""``experiments.bench`` with HF PEFT stepping in the same rotation: a tiny config, 3 rounds."""
 
 import json
 import statistics
