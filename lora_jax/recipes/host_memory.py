@@ -36,9 +36,12 @@ def reexec_with_malloc_tunables() -> None:
     """
     argv = getattr(sys, "orig_argv", None)
     if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not argv
-            or "GLIBC_TUNABLES" in os.environ):
+            or not sys.executable or "GLIBC_TUNABLES" in os.environ):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]],
-              {**os.environ, "GLIBC_TUNABLES": TUNABLES})
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]],
+                  {**os.environ, "GLIBC_TUNABLES": TUNABLES})
+    except OSError:
+        return        # an interpreter that cannot exec itself runs on with glibc's defaults
