@@ -8,9 +8,15 @@ from __future__ import annotations
 import contextlib
 
 from jax.extend import core as jex_core
+from jax.sharding import AxisType
 
 ClosedJaxpr = jex_core.ClosedJaxpr
 Literal = jex_core.Literal
+
+
+def explicit_axes(mesh) -> tuple[bool, ...]:
+    """Per axis of ``mesh``, whether it is explicit; empty for a mesh without axis types."""
+    return tuple(t == AxisType.Explicit for t in getattr(mesh, "axis_types", None) or ())
 
 
 def open_jaxpr(j):

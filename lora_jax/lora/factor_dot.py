@@ -17,7 +17,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType
+
+from lora_jax.core import compat
 
 
 def einsum(a, la, b, lb, out, **kw):
@@ -34,8 +35,7 @@ def factor_dot(t, t_l, b, b_l, out, *, precision=None, preferred_element_type=No
 def _explicit(*xs) -> bool:
     """Whether any operand is sharded on explicit mesh axes. There the backward's contractions
     would need output shardings spelled out, which JAX's own transpose does; keep that."""
-    return any(t == AxisType.Explicit for x in xs
-               for t in getattr(jax.typeof(x).sharding.mesh, "axis_types", ()))
+    return any(any(compat.explicit_axes(jax.typeof(x).sharding.mesh)) for x in xs)
 
 
 def _plain(t, b, spec):

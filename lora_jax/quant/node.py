@@ -51,10 +51,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_jax.core import ImplicitArray, node, static
+from lora_jax.core import ImplicitArray, compat, node, static
 from lora_jax.quant import kernels
 from lora_jax.quant.codes import NESTED_BLOCK
 
@@ -194,7 +194,7 @@ def _layer_gather_sharding(x, stack_ndim: int):
     if mesh is None or mesh.empty:
         return None
     rest = (None,) * (x.ndim - stack_ndim)
-    if all(t == AxisType.Explicit for t in mesh.axis_types):
+    if all(compat.explicit_axes(mesh)):
         spec = tuple(sharding.spec) + (None,) * x.ndim
         return NamedSharding(mesh, P(*spec[:stack_ndim], *rest))
     return NamedSharding(mesh, P(*(P.UNCONSTRAINED,) * stack_ndim, *rest))
@@ -209,7 +209,7 @@ def _gather_layers(q: QuantizedWeight) -> QuantizedWeight:
         target = _layer_gather_sharding(x, s)
         if target is None:
             return x
-        if all(t == AxisType.Explicit for t in target.mesh.axis_types):
+        if all(compat.explicit_axes(target.mesh)):
             return jax.sharding.reshard(x, target)
         return jax.lax.with_sharding_constraint(x, target)
 

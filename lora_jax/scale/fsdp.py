@@ -44,10 +44,10 @@ import re
 from typing import Any, Sequence
 
 import jax
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lora_jax.core import is_default_target, is_implicit, path_str
+from lora_jax.core import compat, is_default_target, is_implicit, path_str
 from lora_jax.lora import LayoutSpec, resolve_layout
 from lora_jax.scale.specs import entry_of
 
@@ -59,8 +59,8 @@ _TENSOR_IN = re.compile(r"(^|/)(o_proj|down_proj|out|wo|fc2|c_proj)(/|$)")
 
 def is_explicit(mesh) -> bool:
     """Whether every axis of ``mesh`` is explicit (JAX's ``make_mesh`` default)."""
-    types = getattr(mesh, "axis_types", None) or ()
-    return bool(types) and all(t == AxisType.Explicit for t in types)
+    explicit = compat.explicit_axes(mesh)
+    return bool(explicit) and all(explicit)
 
 
 def _layout(x, path: str, layout: LayoutSpec):
