@@ -57,11 +57,32 @@ def dense(x):
 
 
 def node(cls):
-    """Register a dataclass as a pytree; fields with ``static=True`` metadata are aux data."""
+    """Register a dataclass as a pytree; fields with ``static=True`` metadata are aux data.
+
+    Unflattening rebuilds a node field by field, without ``__init__``/``__post_init__``:
+    their checks are for a user's construction, while a transformation may put anything
+    in the leaves (``jax.hessian`` puts a whole tree of per-leaf blocks in each one).
+    """
     fields = dataclasses.fields(cls)
-    data = [f.name for f in fields if not f.metadata.get("static")]
-    meta = [f.name for f in fields if f.metadata.get("static")]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+    data = tuple(f.name for f in fields if not f.metadata.get("static"))
+    meta = tuple(f.name for f in fields if f.metadata.get("static"))
+    keys = tuple(jax.tree_util.GetAttrKey(name) for name in data)
+
+    def flatten(x):
+        return [getattr(x, name) for name in data], tuple(getattr(x, n) for n in meta)
+
+    def flatten_with_keys(x):
+        children, aux = flatten(x)
+        return list(zip(keys, children)), aux
+
+    def unflatten(aux, children):
+        x = object.__new__(cls)
+        for name, value in (*zip(data, children), *zip(meta, aux)):
+            object.__setattr__(x, name, value)
+        return x
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    return cls
 
 
 def static(default=dataclasses.MISSING):

@@ -99,10 +99,9 @@ def in_axes_arg(in_axes, in_ndim) -> tuple[int, ...]:
 
 
 def looks_like_factors(*parts) -> bool:
-    """Whether a construction is the user's: every given part a concrete array (or node)
-    with ndim >= 2. Pytree unflattening also calls the constructor, with tracers,
-    ShapeDtypeStructs, None, placeholders or per-leaf statistics (``jax.tree.map(
-    jnp.linalg.norm, grads)``); those must pass unchecked."""
+    """Whether a construction is checked: every given part a concrete array (or node) with
+    ndim >= 2. Pytree unflattening skips the constructor (``core.implicit.node``); nodes a
+    user builds from tracers, ShapeDtypeStructs or None halves pass unchecked."""
     given = [x for x in parts if x is not None]
     return bool(given) and all(
         getattr(x, "ndim", 0) >= 2 and (checks.is_concrete(x) or (

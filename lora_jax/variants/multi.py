@@ -88,7 +88,7 @@ class MultiLoraWeight(AdapterNode):
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
 
     def __post_init__(self):
-        # Static fields only: the leaves may be tracers or placeholders (pytree unflattening).
+        # Static fields, and a concrete a: a user may build the node from tracers.
         n = len(self.names)
         if not (len(self.ranks) == len(self.alphas) == len(self.rsloras) == n):
             raise ValueError(f"MultiLoraWeight: names, ranks, alphas and rsloras must have one "

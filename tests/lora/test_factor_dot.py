@@ -47,6 +47,10 @@ TRANSFORMS = {
     "linearize": lambda f, tr, x: jax.linearize(lambda t: f(t, x), tr)[1](
         jax.tree.map(jnp.ones_like, tr)),
     "hessian of x": lambda f, tr, x: jax.hessian(f, 1)(tr, x),
+    # w.r.t. the nodes: each leaf of the result is a whole tree of nodes holding blocks
+    "hessian": lambda f, tr, x: jax.hessian(f)(tr, x),
+    "jacfwd": lambda f, tr, x: jax.jacfwd(f)(tr, x),
+    "jacrev": lambda f, tr, x: jax.jacrev(f)(tr, x),
     "jvp(grad)": lambda f, tr, x: jax.jvp(lambda x: jax.grad(f)(tr, x), (x,), (x,)),
     "jvp(jit(grad))": lambda f, tr, x: jax.jvp(jax.jit(lambda x: jax.grad(f)(tr, x)), (x,), (x,)),
 }
@@ -56,6 +60,7 @@ TRANSFORMS = {
 def test_every_transformation_gives_the_merged_models_derivatives(setup, name):
     tr, x, loss, merged = setup
     got, want = TRANSFORMS[name](loss(lj.lora(mlp)), tr, x), TRANSFORMS[name](merged, tr, x)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
 
