@@ -69,7 +69,7 @@ def node(cls):
     keys = tuple(jax.tree_util.GetAttrKey(name) for name in data)
 
     def flatten(x):
-        return [getattr(x, name) for name in data], tuple(getattr(x, n) for n in meta)
+        return [getattr(x, name) for name in data], tuple(getattr(x, name) for name in meta)
 
     def flatten_with_keys(x):
         children, aux = flatten(x)
