@@ -158,3 +158,24 @@ def test_a_scanned_step_writes_no_transposed_output_gradient(key, monkeypatch, v
         assert transposed == [], f"dy copied to [out, tokens] {len(transposed)} times"
     else:
         assert len(transposed) == 3, "the control shows the copies this check looks for"
+
+
+@pytest.mark.parametrize("kind", ["dora", "qlora"])
+def test_hessian_wrt_dora_and_quantized_base_nodes_equals_the_merged_models(key, kind):
+    """Each node type unflattens the Hessian's blocks (none runs its constructor checks)."""
+    k1, k2 = jax.random.split(key)
+    params = {"w": jax.random.normal(k1, (64, 7)) / 8}     # 64: one NF4 block per column
+    if kind == "dora":
+        lp = lj.dorafy(params, rank=2, alpha=4.0, targets="w", key=k1)
+    else:
+        lp = lj.lorafy(lj.quantize(params, "nf4", targets="w"), rank=2, alpha=4.0,
+                       targets="w", key=k1)
+    tr, fr = lj.split(lp)
+    tr = jax.tree.map(lambda a: a + 0.1, tr)
+    x = jax.random.normal(k2, (3, 64))
+    adapted = lj.lora(lambda p: jnp.sum(jnp.tanh(x @ p["w"])))
+    got = jax.hessian(lambda t: adapted(lj.combine(t, fr)))(tr)
+    want = jax.hessian(lambda t: jnp.sum(jnp.tanh(x @ lj.merge(lj.combine(t, fr))["w"])))(tr)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
