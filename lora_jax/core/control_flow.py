@@ -67,7 +67,7 @@ def _scan_rule(eqn, invals, ctx):
     jaxpr, jconsts = compat.open_jaxpr(p["jaxpr"])
     consts = invals[:n_consts]
     init = invals[n_consts:n_consts + n_carry]
-    xs = invals[n_consts + n_carry:]
+    xs = [_sliceable(x, p["length"], ctx) for x in invals[n_consts + n_carry:]]
 
     # Dropout: each iteration draws from its own key (one of ``split(next_key(), length)``).
     keys = [jax.random.split(ctx.next_key(), p["length"])] if ctx.dropout else []
@@ -89,6 +89,20 @@ def _scan_rule(eqn, invals, ctx):
         return [*carry, *ys]
 
     return _nodes_or_dense(run)
+
+
+def _sliceable(x, length: int, ctx):
+    """``x``, or ``x`` formed (and reported) when scan cannot slice it as a node: its
+    layout has no stacked axis, or a leaf lacks the scanned leading axis."""
+    if not isinstance(x, ImplicitArray):
+        return x
+    if getattr(x, "stack_ndim", None) != 0 and all(
+            getattr(leaf, "shape", (None,))[:1] == (length,) for leaf in jax.tree.leaves(x)):
+        return x
+    return ctx.form(x, f"is scanned over (lax.scan slices its leading axis, {length} long), but "
+                       "its layout has no stacked axis. Build the adapter with lorafy(..., "
+                       "fn=fn, args=example_args) so its layout is read off how fn uses it "
+                       "(or pass layout= with a stacked axis).")
 
 
 def _cond_rule(eqn, invals, ctx):

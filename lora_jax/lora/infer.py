@@ -39,6 +39,17 @@ from lora_jax.core import (
     static,
 )
 from lora_jax.lora.layout import LayoutSpec, check_layout_spec, normalize, resolve_layout
+from lora_jax.lora.rules import gathered_axes, whole_slices
+
+
+def _flat(entries) -> list:
+    """Parameter axes of probe axis entries (an axis or a tuple of them), each once."""
+    out = []
+    for e in entries:
+        for a in (e if isinstance(e, tuple) else (e,)):
+            if a not in out:
+                out.append(a)
+    return out
 
 
 @node
@@ -47,7 +58,9 @@ class _Probe(ImplicitArray):
     """Stands for parameter ``leaf``; ``axes`` maps its axes to the parameter's.
 
     ``value`` (zeros) carries the current shape, so ``scan`` slicing shows: the
-    leading ``len(axes) - value.ndim`` entries of ``axes`` are the sliced ones.
+    leading ``len(axes) - value.ndim`` entries of ``axes`` are the sliced ones. An entry is
+    a parameter axis, or a tuple of them after a ``reshape`` merged axes (``()`` for an axis
+    the parameter does not have: a broadcast or size-1 axis).
     """
 
     value: Any
@@ -61,8 +74,16 @@ class _Probe(ImplicitArray):
     def current(self) -> tuple:
         return self.axes[len(self.axes) - self.value.ndim:]
 
+    def head(self) -> tuple:
+        return self.axes[:len(self.axes) - self.value.ndim]
+
     def stacked(self) -> list:
-        return [*self.axes[:len(self.axes) - self.value.ndim], *self.indexed]
+        return _flat([*self.head(), *self.indexed])
+
+    def moved(self, value, cur, indexed=()):
+        """This probe with ``value`` now, its axes ``cur``; ``indexed`` ones removed."""
+        return dataclasses.replace(self, value=value, axes=(*self.head(), *cur),
+                                   indexed=(*self.indexed, *indexed))
 
     def materialize(self):
         return self.value
@@ -81,9 +102,9 @@ class _Record:
 
     def note(self, probe: _Probe, contract, batch, *, gather: bool = False) -> None:
         cur = probe.current()
-        stack = sorted([*probe.stacked(), *(cur[a] for a in batch)])
+        stack = sorted(_flat([*probe.stacked(), *(cur[a] for a in batch)]))
         k = len(stack)
-        ins = tuple(sorted(cur[a] - k for a in contract))
+        ins = tuple(sorted(a - k for a in _flat(cur[a] for a in contract) if a not in stack))
         if gather:
             self.gathered.add(probe.leaf)
             self.layouts.pop(probe.leaf, None)
@@ -123,10 +144,21 @@ def _probe_conv(eqn, invals, ctx):
 
 @register("gather", _Probe)
 def _probe_gather(eqn, invals, ctx):
-    w = invals[0]
-    if isinstance(w, _Probe) and not isinstance(invals[1], _Probe):
-        _RECORD[-1].note(w, tuple(eqn.params["dimension_numbers"].collapsed_slice_dims), [],
-                         gather=True)
+    w, idx = invals
+    if not isinstance(w, _Probe) or isinstance(idx, _Probe):
+        return _bind_dense(eqn, invals)
+    dn, sizes, cur = eqn.params["dimension_numbers"], eqn.params["slice_sizes"], w.current()
+    taken = gathered_axes(dn, sizes, w.value.shape)
+    if len(cur) - len(taken) >= 2 and whole_slices(eqn, w.value.shape):
+        # w[ids] keeping whole matrices (a mixture of experts' per-token weights): the
+        # indexed axes become the result's batch axes, to be read off its use.
+        out = _bind_dense(eqn, invals)
+        kept = iter(() if a in taken else cur[a] for a in range(len(cur))
+                    if a not in dn.collapsed_slice_dims)
+        batch = tuple(_flat(cur[a] for a in taken))
+        return w.moved(out, tuple(next(kept) if d in dn.offset_dims else batch
+                                  for d in range(out.ndim)))
+    _RECORD[-1].note(w, taken, [], gather=True)                  # rows of a table
     return _bind_dense(eqn, invals)
 
 
@@ -134,26 +166,75 @@ def _probe_gather(eqn, invals, ctx):
 def _probe_transpose(eqn, invals, ctx):
     (w,) = invals
     cur, perm = w.current(), eqn.params["permutation"]
-    head = w.axes[:len(w.axes) - len(cur)]
-    return dataclasses.replace(w, value=jnp.transpose(w.value, perm),
-                               axes=(*head, *(cur[a] for a in perm)))
+    return w.moved(jnp.transpose(w.value, perm), tuple(cur[a] for a in perm))
 
 
 @register("squeeze", _Probe)
 def _probe_squeeze(eqn, invals, ctx):
     (w,) = invals
     cur, dims = w.current(), set(eqn.params["dimensions"])
-    head = w.axes[:len(w.axes) - len(cur)]
-    return dataclasses.replace(
-        w, value=jnp.squeeze(w.value, tuple(dims)),
-        axes=(*head, *(a for i, a in enumerate(cur) if i not in dims)),
-        indexed=(*w.indexed, *(cur[i] for i in sorted(dims))))
+    return w.moved(jnp.squeeze(w.value, tuple(dims)),
+                   tuple(a for i, a in enumerate(cur) if i not in dims),
+                   tuple(cur[i] for i in sorted(dims)))
 
 
-@register("slice", _Probe)
-def _probe_slice(eqn, invals, ctx):
-    (w,) = invals
-    return dataclasses.replace(w, value=compat.bind(eqn, w.value))
+@register("reshape", _Probe)
+def _probe_reshape(eqn, invals, ctx):
+    w = invals[0]
+    if len(invals) != 1 or eqn.params.get("dimensions"):
+        return _bind_dense(eqn, invals)
+    cur, dropped = _reshape_axes(w.value.shape, w.current(), tuple(eqn.params["new_sizes"]))
+    return w.moved(compat.bind(eqn, w.value), cur, dropped)
+
+
+def _reshape_axes(old, entries, new):
+    """Probe entries of a reshape's result: each new axis gets the parameter axes of the run
+    of old axes it was cut from; old size-1 axes that vanish are returned as indexed."""
+    out, dropped, i, j = [], [], 0, 0
+    while i < len(old) or j < len(new):
+        if j < len(new) and new[j] == 1 and (i == len(old) or old[i] != 1):
+            out.append(())
+            j += 1
+        elif i < len(old) and old[i] == 1 and (j == len(new) or new[j] != 1):
+            dropped.append(entries[i])
+            i += 1
+        else:
+            si, sj, pi, pj = i, j, old[i], new[j]
+            i, j = i + 1, j + 1
+            while pi != pj:
+                if pi < pj:
+                    pi, i = pi * old[i], i + 1
+                else:
+                    pj, j = pj * new[j], j + 1
+            merged = tuple(_flat(entries[si:i]))
+            out += [merged if len(merged) != 1 else merged[0]] * (j - sj)
+    return tuple(out), tuple(dropped)
+
+
+@register("broadcast_in_dim", _Probe)
+def _probe_broadcast(eqn, invals, ctx):
+    w = invals[0]
+    if len(invals) != 1:
+        return _bind_dense(eqn, invals)
+    where = {d: i for i, d in enumerate(eqn.params["broadcast_dimensions"])}
+    cur, shape = w.current(), eqn.params["shape"]
+    return w.moved(compat.bind(eqn, w.value),
+                   tuple(cur[where[d]] if d in where else () for d in range(len(shape))))
+
+
+def _probe_same_axes(eqn, invals, ctx):
+    """slice / dynamic_slice / split keep every axis, only shorter."""
+    w = invals[0]
+    if not isinstance(w, _Probe) or any(isinstance(x, _Probe) for x in invals[1:]):
+        return _bind_dense(eqn, invals)
+    out = compat.bind(eqn, w.value, *invals[1:])
+    if eqn.primitive.multiple_results:
+        return [dataclasses.replace(w, value=o) for o in out]
+    return dataclasses.replace(w, value=out)
+
+
+for _name in ("slice", "dynamic_slice", "split"):
+    register(_name, _Probe, _probe_same_axes)
 
 
 def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=None,

@@ -38,8 +38,8 @@ def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
     """The layout the common frameworks' own modules give a weight of ``shape``.
 
     * a conv module's weight (``conv`` in its path): HWIO ``kernel``/``w`` has the
-      spatial and in-feature axes as inputs; OIHW ``weight`` (Equinox, PyTorch)
-      everything but axis 0.
+      spatial and in-feature axes as inputs (haiku's transposed convs keep ``w`` as
+      [*K, O, I]); OIHW ``weight`` (Equinox, PyTorch) everything but axis 0.
     * Flax ``MultiHeadDotProductAttention``: ``query|key|value`` (d, h, hd) contract
       axis 0, ``out`` (h, hd, d) axes 0 and 1. One extra leading axis = stacked.
     * ``weight`` (PyTorch / Equinox convention): an ``(out, in)`` matrix.
@@ -48,9 +48,12 @@ def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
     """
     nd = len(shape)
     name, module = leaf_name(path), _module(path)
-    if "conv" in module.rsplit("/", 1)[-1].lower() and nd >= 3:
+    last = module.rsplit("/", 1)[-1].lower()
+    if "conv" in last and nd >= 3:
         if name == "weight":
             return 0, tuple(range(1, nd))
+        if name == "w" and "transpose" in last:        # haiku ConvNDTranspose: [*K, O, I]
+            return 0, (*range(nd - 2), nd - 1)
         return 0, tuple(range(nd - 1))
     if _MHA_IN.search(module):
         return (nd - 3 if nd >= 3 else 0), (0,)

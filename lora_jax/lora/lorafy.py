@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from typing import Any, Callable, Mapping
@@ -62,6 +63,9 @@ def _check_target(path: str, leaf):
     if len(leaf.shape) < 2:
         raise ValueError(f"lorafy: leaf {path!r} has shape {tuple(leaf.shape)}; LoRA needs "
                          "ndim >= 2. Exclude it from targets.")
+    if math.prod(leaf.shape) == 0:
+        raise ValueError(f"lorafy: leaf {path!r} of shape {tuple(leaf.shape)} is empty; "
+                         "exclude it from targets.")
 
 
 def _rank(what, name, value):
@@ -113,21 +117,25 @@ def _unused_patterns(chosen, **patterns) -> None:
                                  f"targets are {paths[:6]}. Fix the regex or drop the entry.")
 
 
+def _empty(leaf) -> bool:
+    return math.prod(getattr(leaf, "shape", (1,))) == 0
+
+
 def _lora_targets(params, targets, trainable, default) -> tuple[list, set]:
     """The LoRA targets and the paths trained in full; a leaf cannot be both. With the
     default targets, trainable leaves are simply not LoRA targets (as PEFT skips a
     ``modules_to_save`` module when it injects LoRA)."""
     full = set() if trainable is None else trainable_paths(params, trainable, "lorafy")
-    chosen = [e for e in select_leaves(params, targets, what="lorafy", default=default)
-              if not (targets is None and e[0] in full)]
+    found = select_leaves(params, targets, what="lorafy", default=default)
+    chosen = [e for e in found if not (targets is None and (e[0] in full or _empty(e[2])))]
     both = [p for p, _, _ in chosen if p in full]
     if both:
         raise ValueError(f"lorafy: leaf {both[0]!r} is both a LoRA target and trainable; a leaf "
                          "is either adapted or trained in full. Drop it from targets or from "
                          "trainable.")
     if not chosen:
-        raise ValueError("lorafy: every default target is marked trainable, so no leaf is "
-                         "left for LoRA; pass targets=.")
+        raise ValueError(f"lorafy: every default target ({[p for p, _, _ in found][:4]}) is "
+                         "empty or marked trainable, so no leaf is left for LoRA; pass targets=.")
     return chosen, full
 
 

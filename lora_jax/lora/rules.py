@@ -7,7 +7,10 @@
 * ``conv_general_dilated``: A is a conv with W's window, B a 1×1 conv (PEFT's conv LoRA),
   for any kernel layout (HWIO, OIHW, ...).
 * ``gather`` of rows (embedding lookup): rows of A (or Bᵀ), then the other factor.
-* ``transpose`` / ``reshape`` / stacked-axis ``slice``/``squeeze``/``dynamic_slice``:
+* ``gather`` of whole matrices along stacked axes (``experts[ids]``): the same gather of
+  every leaf.
+* ``transpose`` / ``reshape`` / ``slice`` / ``dynamic_slice`` / ``split`` (any axis: rows of
+  A, columns of B) / stacked-axis ``squeeze`` / new leading axes (``broadcast_in_dim``):
   a new LoraWeight.
 With ``lora(fn, dropout=p)`` the dot and conv rules drop out the adapter's input
 (``ctx.drop``), never the base path's.
@@ -17,11 +20,13 @@ way in (not here: see ``transform._freeze``).
 
 from __future__ import annotations
 
+import functools
 import math
 import string
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lora_jax.core import compat, dense, is_implicit, register
@@ -79,9 +84,8 @@ def dot_rule(eqn, invals, ctx):
     b_l = [*wl[:s], r, *(wl[p] for p in outs)]
     (first, fl), (second, sl) = ((w.a, a_l), (w.b, b_l))
     if set(wc) <= set(outs) and not set(wc) <= set(ins):   # a tied embedding's attend
-        (first, fl), (second, sl), x_ad = (second, sl), (first, fl), x
-    else:
-        x_ad = ctx.drop(x)                                  # lora_dropout: adapter input only
+        (first, fl), (second, sl) = (second, sl), (first, fl)
+    x_ad = ctx.drop(x)                                      # lora_dropout: adapter input only
     precision = eqn.params.get("precision")
     contracted = {wl[p] for p in wc}
     t_l = [lab for lab in xl if lab not in contracted]
@@ -130,31 +134,69 @@ def _conv_rule(eqn, invals, ctx):
     return base + d.astype(base.dtype)
 
 
+def gathered_axes(dn, sizes, shape) -> tuple:
+    """The operand axes a gather indexes (not those it takes whole, from a start of 0)."""
+    return tuple(a for a in dn.start_index_map if sizes[a] != shape[a]) \
+        or tuple(dn.start_index_map)
+
+
+def whole_slices(eqn, shape) -> bool:
+    """Whether a gather takes single entries of the axes it indexes and all of the others."""
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    taken = gathered_axes(dn, sizes, shape)
+    return (not tuple(getattr(dn, "operand_batching_dims", ()))
+            and all(z == (1 if a in taken else shape[a]) for a, z in enumerate(sizes)))
+
+
 def is_row_lookup(eqn, w) -> bool:
     """Whether a gather takes whole rows of the 2-D ``w`` along its axis 0 (an embedding
-    lookup): each looked-up row holds every feature."""
-    p = eqn.params
-    dn = p["dimension_numbers"]
-    return (tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
-            and tuple(p["slice_sizes"]) == (1, w.shape[1])
-            and tuple(getattr(dn, "operand_batching_dims", ())) == ())
+    lookup, ``table[ids]`` or, vmapped, ``table[i]``): each looked-up row holds every
+    feature."""
+    dn = eqn.params["dimension_numbers"]
+    return (len(w.shape) == 2 and whole_slices(eqn, w.shape)
+            and gathered_axes(dn, eqn.params["slice_sizes"], w.shape) == (0,))
 
 
 @register("gather", LoraWeight)
 def _gather_rule(eqn, invals, ctx):
     w, idx = invals
-    if not isinstance(w, LoraWeight) or is_implicit(idx) or len(w.shape) != 2 or w.stack_ndim \
-            or not is_row_lookup(eqn, w):
+    if not isinstance(w, LoraWeight) or is_implicit(idx):
+        return NotImplemented
+    if w.stack_ndim:
+        return _select_rule(eqn, w, idx, ctx)
+    if not is_row_lookup(eqn, w):
         return NotImplemented
     p = eqn.params
-    dn = p["dimension_numbers"]
+    feat = p["dimension_numbers"].offset_dims[-1]        # the output axis of w's axis 1
     # Rows along an input axis (Flax Embed) come from A; along an output axis from Bᵀ.
     rows_of, other = (w.a, w.b) if w.in_axes == (0,) else (w.b.T, w.a.T)
     rows = eqn.primitive.bind(rows_of, idx, **dict(p, slice_sizes=(1, w.rank)))  # r at offset
-    rows = jnp.moveaxis(rows, dn.offset_dims[0], -1) * jnp.asarray(w.scale, rows.dtype)
-    d = jnp.moveaxis(rows @ other.astype(rows.dtype), -1, dn.offset_dims[0])
+    rows = jnp.moveaxis(rows, feat, -1) * jnp.asarray(w.scale, rows.dtype)
+    d = jnp.moveaxis(rows @ other.astype(rows.dtype), -1, feat)
     base = _base(eqn, invals, w)
     return base + d.astype(base.dtype)
+
+
+def _select_rule(eqn, w, idx, ctx):
+    """``w[ids]`` over stacked axes only (a mixture of experts picking each token's matrix):
+    the same gather of every leaf, a node whose leading stacked axes are the ids' axes."""
+    dn = eqn.params["dimension_numbers"]
+    n_out = len(eqn.outvars[0].aval.shape)
+    n_batch = n_out - len(dn.offset_dims)
+    taken = gathered_axes(dn, eqn.params["slice_sizes"], w.shape)
+    if not (whole_slices(eqn, w.shape) and all(a < w.stack_ndim for a in taken)
+            and tuple(dn.offset_dims) == tuple(range(n_batch, n_out))):
+        return ctx.decline("is gathered along its non-stacked axes, or with the looked-up "
+                           "axes after the others.")
+
+    def pick(leaf):
+        offsets = tuple(range(n_batch, n_batch + leaf.ndim - len(dn.collapsed_slice_dims)))
+        return lax.gather(leaf, idx, dn._replace(offset_dims=offsets),
+                          tuple(1 if a in taken else leaf.shape[a] for a in range(leaf.ndim)),
+                          mode=eqn.params["mode"], fill_value=eqn.params.get("fill_value"),
+                          indices_are_sorted=eqn.params["indices_are_sorted"],
+                          unique_indices=eqn.params["unique_indices"])
+    return jax.tree.map(pick, w)
 
 
 @register("transpose", LoraWeight)
@@ -199,11 +241,29 @@ def _reshape_rule(eqn, invals, ctx):
                       in_axes=in_axes)
 
 
-def _stacked_only(w, changed_axes, ctx):
-    if all(ax < w.stack_ndim for ax in changed_axes):
-        return True
-    ctx.decline("is sliced along a non-stacked axis, which splits its factors.")
-    return False
+def _cut(w, cuts: dict):
+    """``w`` with ``cuts[p](leaf, axis)`` applied along each of its axes ``p``. A stacked axis
+    is cut in every leaf (a quantized ``w0`` stays quantized); an input axis in ``w0`` and
+    A's rows, an output axis in ``w0`` and B's columns: exact, the factors stay apart."""
+    s = w.stack_ndim
+    stacked = {p: f for p, f in cuts.items() if p < s}
+    if stacked:
+        def cut_leaf(leaf):
+            for p, f in stacked.items():
+                leaf = f(leaf, p)
+            return leaf
+        w = jax.tree.map(cut_leaf, w)
+    rest = {p: f for p, f in cuts.items() if p >= s}
+    if not rest:
+        return w
+    w0, a, b = dense(w.w0), w.a, w.b
+    for p, f in rest.items():
+        w0, j = f(w0, p), p - s
+        if j in w.in_axes:
+            a = f(a, s + w.in_axes.index(j))
+        else:
+            b = f(b, s + 1 + w.out_axes.index(j))
+    return LoraWeight(w0, a, b, alpha=w.alpha, rslora=w.rslora, in_axes=w.in_axes)
 
 
 @register("slice", LoraWeight)
@@ -211,42 +271,54 @@ def _slice_rule(eqn, invals, ctx):
     (w,) = invals
     p = eqn.params
     strides = p.get("strides") or (1,) * len(w.shape)
-    changed = [i for i, (a, b, d) in enumerate(zip(p["start_indices"], p["limit_indices"], w.shape))
-               if (a, b) != (0, d)]
-    if not _stacked_only(w, changed, ctx):
-        return NotImplemented
-    k = w.stack_ndim
+    return _cut(w, {ax: functools.partial(_slice_axis, lo, hi, st)
+                    for ax, (lo, hi, st, d) in enumerate(zip(p["start_indices"], p["limit_indices"],
+                                                             strides, w.shape))
+                    if (lo, hi, st) != (0, d, 1)})
 
-    def cut(leaf):
-        nd = leaf.ndim
-        return lax.slice(leaf, (*p["start_indices"][:k], *(0,) * (nd - k)),
-                         (*p["limit_indices"][:k], *leaf.shape[k:]),
-                         (*strides[:k], *(1,) * (nd - k)))
-    return jax.tree.map(cut, w)
+
+def _slice_axis(lo, hi, stride, leaf, axis):
+    return lax.slice_in_dim(leaf, lo, hi, stride, axis)
+
+
+@register("dynamic_slice", LoraWeight)
+def _dynamic_slice_rule(eqn, invals, ctx):
+    w, *starts = invals
+    if any(is_implicit(i) for i in starts):
+        return NotImplemented
+    sizes = eqn.params["slice_sizes"]
+    return _cut(w, {ax: functools.partial(_dynamic_slice_axis, start, size)
+                    for ax, (start, size, d) in enumerate(zip(starts, sizes, w.shape))
+                    if size != d})
+
+
+def _dynamic_slice_axis(start, size, leaf, axis):
+    return lax.dynamic_slice_in_dim(leaf, start, size, axis)
+
+
+@register("split", LoraWeight)
+def _split_rule(eqn, invals, ctx):
+    (w,) = invals
+    axis, ends = eqn.params["axis"], np.cumsum(eqn.params["sizes"])
+    return [_cut(w, {axis: functools.partial(_slice_axis, int(hi - z), int(hi), 1)})
+            for z, hi in zip(eqn.params["sizes"], ends)]
 
 
 @register("squeeze", LoraWeight)
 def _squeeze_rule(eqn, invals, ctx):
     (w,) = invals
     dims = tuple(eqn.params["dimensions"])
-    if not _stacked_only(w, dims, ctx):
-        return NotImplemented
+    if not all(ax < w.stack_ndim for ax in dims):
+        return ctx.decline("is squeezed along a non-stacked axis.")
     return jax.tree.map(lambda leaf: lax.squeeze(leaf, dims), w)
 
 
-@register("dynamic_slice", LoraWeight)
-def _dynamic_slice_rule(eqn, invals, ctx):
-    w, *starts = invals
-    sizes = eqn.params["slice_sizes"]
-    if any(is_implicit(i) for i in starts):
-        return NotImplemented
-    changed = [i for i, (z, d) in enumerate(zip(sizes, w.shape)) if z != d]
-    if not _stacked_only(w, changed, ctx):
-        return NotImplemented
-    k = w.stack_ndim
-
-    def cut(leaf):
-        zero = jnp.zeros((), starts[0].dtype) if starts else 0
-        return lax.dynamic_slice(leaf, (*starts[:k], *(zero,) * (leaf.ndim - k)),
-                                 (*sizes[:k], *leaf.shape[k:]))
-    return jax.tree.map(cut, w)
+@register("broadcast_in_dim", LoraWeight)
+def _broadcast_rule(eqn, invals, ctx):
+    """``w[None]``, ``jnp.broadcast_to(w, (k, *w.shape))``: new leading stacked axes."""
+    w = invals[0]
+    shape, dims = tuple(eqn.params["shape"]), tuple(eqn.params["broadcast_dimensions"])
+    k = len(shape) - len(w.shape)
+    if len(invals) != 1 or dims != tuple(range(k, len(shape))) or shape[k:] != w.shape:
+        return ctx.decline("is broadcast along axes other than new leading ones.")
+    return jax.tree.map(lambda leaf: lax.broadcast(leaf, shape[:k]), w)

@@ -230,7 +230,7 @@ def _dora_gather_rule(eqn, invals, ctx):
     if not isinstance(w, DoraWeight) or is_implicit(idx) or w.stack_ndim \
             or len(w.shape) != 2 or w.in_axes != (0,) or not is_row_lookup(eqn, w):
         return NotImplemented
-    return _via_lora(eqn, invals, ctx, w, eqn.params["dimension_numbers"].offset_dims[0])
+    return _via_lora(eqn, invals, ctx, w, eqn.params["dimension_numbers"].offset_dims[-1])
 
 
 def is_lora_or_dora(x) -> bool:

@@ -316,3 +316,14 @@ def test_inits(key):
     assert not np.any(np.asarray(g.b))
     a2 = lj.lorafy(p, rank=8, key=jax.random.key(1))["kernel"].a
     assert not np.allclose(a, a2)
+
+
+def test_empty_leaves_are_not_default_targets_and_are_refused_by_name():
+    params = {"extra": {"kernel": jnp.ones((0, 7))}, "proj": {"kernel": jnp.ones((5, 7))}}
+    lp = lj.lorafy(params, rank=2)
+    assert isinstance(lp["proj"]["kernel"], lj.LoraWeight)
+    assert not isinstance(lp["extra"]["kernel"], lj.LoraWeight)
+    with pytest.raises(ValueError, match=r"'extra/kernel' of shape \(0, 7\) is empty"):
+        lj.lorafy(params, rank=2, targets="extra")
+    with pytest.raises(ValueError, match=r"every default target \(\['extra/kernel'\]\) is empty"):
+        lj.lorafy({"extra": {"kernel": jnp.ones((7, 0))}}, rank=2)
