@@ -171,7 +171,9 @@ def _config(modules: list[_Module], base_model_name_or_path: str | None) -> dict
 
 def _adapter(params, base_model_name_or_path, module_map) -> tuple[dict, dict]:
     """``(tensors, adapter_config)`` of one adapter."""
-    module_map = dict(LLAMA_MODULE_MAP if module_map is None else module_map)
+    # keys as lorafy / infer_layout print them, with or without a variables dict's params/
+    module_map = {strip_params(k): v for k, v in
+                  (LLAMA_MODULE_MAP if module_map is None else module_map).items()}
     leaves = _lora_leaves(params, module_map)
     tensors, modules = _tensors(leaves, module_map)
     config = _config(modules, base_model_name_or_path)

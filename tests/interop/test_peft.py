@@ -401,3 +401,24 @@ def test_to_peft_refuses_weights_with_two_input_axes(tmp_path):
     with pytest.raises(ValueError, match="'x/w' has 2 input axes"):
         to_peft({"x": {"w": w}}, tmp_path / "ad", module_map={"x/w": "model.x"})
     assert not tmp_path.joinpath("ad").exists() and not list(tmp_path.iterdir())
+
+
+def test_module_map_keys_may_keep_a_variables_dicts_params_prefix(tmp_path):
+    """A variables dict (params + batch_stats): keys as lorafy/infer_layout print them
+    (``params/fc/kernel``) and stripped ones export the same adapter."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    v = {"params": {"fc": {"kernel": jax.random.normal(k1, (5, 7))}},
+         "batch_stats": {"bn": {"mean": jnp.zeros(7)}}}
+    lp = lora_jax.lorafy(v, rank=3, targets="kernel", key=k2)
+    w = lp["params"]["fc"]["kernel"]
+    lp["params"]["fc"]["kernel"] = lora_jax.LoraWeight(
+        w.w0, w.a, jax.random.normal(k3, w.b.shape), alpha=w.alpha)
+    got = [load_file(to_peft(lp, tmp_path / name, module_map={key: "fc"})
+                     / "adapter_model.safetensors")
+           for name, key in (("prefixed", "params/fc/kernel"), ("plain", "fc/kernel"))]
+    assert sorted(got[0]) == sorted(got[1]) == ["base_model.model.fc.lora_A.weight",
+                                                 "base_model.model.fc.lora_B.weight"]
+    a, b = got[0]["base_model.model.fc.lora_A.weight"], got[0]["base_model.model.fc.lora_B.weight"]
+    assert a.shape == (3, 5) and b.shape == (7, 3)                    # PEFT: [r, in], [out, r]
+    for key in got[0]:
+        np.testing.assert_array_equal(got[0][key], got[1][key])

@@ -474,6 +474,27 @@ def test_scanned_weight_guessed_without_stacked_axis_is_named():
         lj.lora(fn, strict=True)(lp, x)
 
 
+def test_grouped_conv_kernels_are_not_default_targets():
+    """A depthwise/grouped conv (ConvNeXt, RegNet, MobileNet) has no factored LoRA rule: with
+    fn its kernel is left out of the default targets, so the default call stays strict-clean;
+    targeted by name, it is formed (reported) and still exact."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(6, (3, 3), feature_group_count=3, name="depthwise")(x)
+            return nn.Conv(7, (1, 1), name="pointwise")(x)
+    x = _x((B, 5, 5, 3))
+    fn, params = _linen(Net(), x)
+    lp = lj.lorafy(params, rank=2, fn=fn, args=(x,))
+    assert [str(p) for p, _ in _nodes(lp)] == ["(DictKey(key='pointwise'), DictKey(key='kernel'))"]
+    jax.jit(lj.lora(fn, strict=True))(randomize_b(lp, jax.random.key(3)), x)
+    lp = randomize_b(lj.lorafy(params, rank=2, fn=fn, args=(x,), targets="depthwise/kernel"),
+                     jax.random.key(3))
+    with pytest.warns(lj.MaterializationWarning, match=r"'depthwise/kernel'.*grouped"):
+        got = lj.lora(fn)(lp, x)
+    close(got, fn(lj.merge(lp), x), 1e-5)
+
+
 def test_haiku_transposed_conv_guess_matches_fn():
     x = _x((B, 5, 5, 3))
     fn, params = _haiku(lambda x: hk.Conv2DTranspose(7, kernel_shape=3, stride=2)(x), x)
