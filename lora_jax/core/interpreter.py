@@ -64,6 +64,7 @@ class Context:
         self.vjp_only = vjp_only        # see compat.vjp_only: rules may use custom_vjp
         self.warned = warned            # shared by every call of one interpreted fn
         self.names: dict[int, tuple[object, str]] = {}
+        self.looked_up: set[str] = set()    # parameters read by rows in this call (embeddings)
         self.reason: str | None = None
         self.dropout = dropout if key is not None else 0.0
         self.key, self.n_keys = key, 0
@@ -122,6 +123,14 @@ class Context:
 
     def eval(self, jaxpr, consts, args):
         return eval_jaxpr(jaxpr, consts, args, self)
+
+    def warn(self, x, why: str) -> None:
+        """Report, once per parameter and cause, a use that runs but is probably not meant."""
+        path = self.name(x)
+        if (path, why) not in self.warned:
+            self.warned.add((path, why))
+            warnings.warn(f"parameter {path!r} ({type(x).__name__} of shape {tuple(x.shape)}) "
+                          f"{why}", MaterializationWarning, stacklevel=_user_stacklevel())
 
     def form(self, x, why: str):
         """``x.materialize()``; reported when ``x`` has trainable fields."""

@@ -495,6 +495,24 @@ def test_grouped_conv_kernels_are_not_default_targets():
     close(got, fn(lj.merge(lp), x), 1e-5)
 
 
+def test_transposed_use_of_a_guessed_layout_is_reported():
+    """An (out, in) kernel under an (in, out) name, used as ``x @ W.T`` (transformers' Flax
+    GPT-2 Conv1D): without fn the guess puts A on the output side, which only a tied
+    embedding's attend does on purpose; lora says so (the result is exact). With fn, silent."""
+    params = {"proj": {"kernel": _x((7, D), seed=4)}}
+
+    def fn(p, x):
+        return x @ p["proj"]["kernel"].T
+    x = _x((B, D))
+    lp = randomize_b(lj.lorafy(params, rank=2), jax.random.key(3))
+    with pytest.warns(lj.MaterializationWarning, match=r"'proj/kernel'.*x @ W\.T.*fn="):
+        got = lj.lora(fn)(lp, x)
+    close(got, fn(lj.merge(lp), x), 1e-5)
+    lp = randomize_b(lj.lorafy(params, rank=2, fn=fn, args=(x,)), jax.random.key(3))
+    assert lp["proj"]["kernel"].in_axes == (1,)
+    close(jax.jit(lj.lora(fn, strict=True))(lp, x), fn(lj.merge(lp), x), 1e-5)
+
+
 def test_haiku_transposed_conv_guess_matches_fn():
     x = _x((B, 5, 5, 3))
     fn, params = _haiku(lambda x: hk.Conv2DTranspose(7, kernel_shape=3, stride=2)(x), x)
