@@ -64,7 +64,7 @@ class Context:
         self.vjp_only = vjp_only        # see compat.vjp_only: rules may use custom_vjp
         self.warned = warned            # shared by every call of one interpreted fn
         self.names: dict[int, tuple[object, str]] = {}
-        self.looked_up: set[str] = set()    # parameters read by rows in this call (embeddings)
+        self.read_in: set[str] = set()      # parameters used from their input side so far
         self.reason: str | None = None
         self.dropout = dropout if key is not None else 0.0
         self.key, self.n_keys = key, 0

@@ -38,9 +38,10 @@ _LAYOUT_FIX = ("Build the adapter with lorafy(..., fn=fn, args=example_args) so 
 
 
 _TRANSPOSED_USE = (
-    "is contracted on the axes its layout calls outputs (x @ W.T), with no embedding lookup of "
-    "it before: unless it is a tied embedding, its layout was guessed wrong, A sits on its "
-    "output side and to_peft writes it transposed. The result is exact. " + _LAYOUT_FIX)
+    "is contracted on the axes its layout calls outputs (x @ W.T), and no use from its input "
+    "side (an embedding lookup, x @ W) came before: unless it is a tied embedding or weight, "
+    "its layout was guessed wrong, A sits on its output side and to_peft writes it "
+    "transposed. The result is exact. " + _LAYOUT_FIX)
 
 
 def _base(eqn, invals, w):
@@ -91,8 +92,10 @@ def dot_rule(eqn, invals, ctx):
     (first, fl), (second, sl) = ((w.a, a_l), (w.b, b_l))
     if set(wc) <= set(outs) and not set(wc) <= set(ins):   # a tied embedding's attend
         (first, fl), (second, sl) = (second, sl), (first, fl)
-        if ctx.name(w) not in ctx.looked_up:
+        if ctx.name(w) not in ctx.read_in:
             ctx.warn(w, _TRANSPOSED_USE)
+    else:
+        ctx.read_in.add(ctx.name(w))
     x_ad = ctx.drop(x)                                      # lora_dropout: adapter input only
     precision = eqn.params.get("precision")
     contracted = {wl[p] for p in wc}
@@ -178,7 +181,7 @@ def _gather_rule(eqn, invals, ctx):
     feat = p["dimension_numbers"].offset_dims[-1]        # the output axis of w's axis 1
     # Rows along an input axis (Flax Embed) come from A; along an output axis from Bᵀ.
     rows_of, other = (w.a, w.b) if w.in_axes == (0,) else (w.b.T, w.a.T)
-    ctx.looked_up.add(ctx.name(w))
+    ctx.read_in.add(ctx.name(w))
     rows = eqn.primitive.bind(rows_of, idx, **dict(p, slice_sizes=(1, w.rank)))  # r at offset
     rows = jnp.moveaxis(rows, feat, -1) * jnp.asarray(w.scale, rows.dtype)
     d = jnp.moveaxis(rows @ other.astype(rows.dtype), -1, feat)

@@ -147,7 +147,8 @@ def test_dropout_also_drops_the_input_of_a_transposed_use():
     w, x = _dropout_case()
     wt = lj.LoraWeight(w.w0.T, w.b.T, w.a.T, alpha=w.alpha, in_axes=(0,))   # [out, in], guessed
     key = jax.random.key(7)
-    y = lj.lora(lambda w, x: x @ w.T, dropout=0.3)(wt, x, dropout_key=key)
+    with pytest.warns(lj.MaterializationWarning, match=r"x @ W\.T"):   # A on the output side
+        y = lj.lora(lambda w, x: x @ w.T, dropout=0.3)(wt, x, dropout_key=key)
     np.testing.assert_allclose(y, _by_hand(w, x, key, 0.3)[0], rtol=1e-6, atol=1e-6)
 
 
