@@ -2,6 +2,7 @@
 
 from lora_jax.core import checks as checks
 from lora_jax.core import control_flow as _control_flow  # noqa: F401  (registers its rules)
+from lora_jax.core import shard_map as _shard_map  # noqa: F401  (registers its rules)
 from lora_jax.core.implicit import ImplicitArray
 from lora_jax.core.implicit import dense
 from lora_jax.core.implicit import is_implicit

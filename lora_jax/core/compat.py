@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
+import jax
 from jax.extend import core as jex_core
 from jax.sharding import AxisType
 
@@ -93,3 +94,12 @@ JIT_NAMES = frozenset({"pjit", "jit", "closed_call", "core_call"})
 REMAT_NAMES = frozenset({"checkpoint", "remat", "remat2"})
 CUSTOM_NAMES = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
                           "custom_lin"})
+
+
+def varying_axes(x) -> frozenset:
+    """The manual axes ``x`` varies over inside a ``shard_map`` body (its type's vma)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)       # 0.10 and 0.12; older: vma
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", ()))
+    return frozenset(getattr(aval, "vma", ()))

@@ -9,6 +9,10 @@ contraction reads ``dy`` in place.
 The ``custom_vjp`` that writes it so cannot be run forward (``jvp``, ``jacfwd``,
 ``jax.linearize``), so it is used only when the call is traced for reverse mode alone
 (:func:`lora_jax.core.compat.vjp_only`); otherwise this is the plain einsum.
+
+Inside a ``shard_map`` body (``lora(fn)`` called there) an operand may be replicated over
+manual axes the other varies over; JAX's own transpose sums its cotangent over them
+(``pvary`` -> ``psum``), so the backward does the same (:func:`_sum_to`).
 """
 
 from __future__ import annotations
@@ -57,7 +61,14 @@ def _bwd(spec, res, dy):
     tw, bw = t.astype(dy.dtype), b.astype(dy.dtype)
     dt = einsum(dy, out, bw, b_l, t_l, precision=precision)
     db = einsum(tw, t_l, dy, out, b_l, precision=precision)     # dot(t, dy): dy in place
-    return dt.astype(t.dtype), db.astype(b.dtype)
+    return _sum_to(dt.astype(t.dtype), t), _sum_to(db.astype(b.dtype), b)
+
+
+def _sum_to(ct, primal):
+    """``ct`` summed over the manual axes it varies over and ``primal`` does not: the
+    cotangent of a value replicated over them, of the same type as ``primal``."""
+    extra = compat.varying_axes(ct) - compat.varying_axes(primal)
+    return jax.lax.psum(ct, tuple(sorted(extra, key=str))) if extra else ct
 
 
 _vjp.defvjp(_fwd, _bwd)
