@@ -193,6 +193,8 @@ def _probe_reshape(eqn, invals, ctx):
 def _reshape_axes(old, entries, new):
     """Probe entries of a reshape's result: each new axis gets the parameter axes of the run
     of old axes it was cut from; old size-1 axes that vanish are returned as indexed."""
+    if 0 in old or 0 in new:                    # an empty leaf: nothing to read
+        return tuple(() for _ in new), ()
     out, dropped, i, j = [], [], 0, 0
     while i < len(old) or j < len(new):
         if j < len(new) and new[j] == 1 and (i == len(old) or old[i] != 1):
