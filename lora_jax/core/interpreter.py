@@ -43,7 +43,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _user_stacklevel() -> int:
-    """``stacklevel`` for ``warnings.warn`` called from ``Context.form``: the first
+    """``stacklevel`` for ``warnings.warn`` called from ``Context.warn``: the first
     frame outside this package, i.e. the user's line that called the function."""
     frame, level = sys._getframe(2), 2
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
@@ -137,15 +137,13 @@ class Context:
         if not isinstance(x, ImplicitArray):
             return x
         if type(x).trainable_fields:
-            path = self.name(x)
-            msg = (f"parameter {path!r} ({type(x).__name__} of shape {tuple(x.shape)}) {why} "
-                   "It is formed as a dense array here: correct, but it costs the full "
+            why = (f"{why} It is formed as a dense array here: correct, but it costs the full "
                    "weight's memory and FLOPs.")
             if self.strict:
-                raise MaterializationError(msg + " (strict=True; pass strict=False to allow it.)")
-            if (path, why) not in self.warned:
-                self.warned.add((path, why))
-                warnings.warn(msg, MaterializationWarning, stacklevel=_user_stacklevel())
+                raise MaterializationError(
+                    f"parameter {self.name(x)!r} ({type(x).__name__} of shape "
+                    f"{tuple(x.shape)}) {why} (strict=True; pass strict=False to allow it.)")
+            self.warn(x, why)
         return x.materialize()
 
 

@@ -63,7 +63,7 @@ def _check_target(path: str, leaf):
     if len(leaf.shape) < 2:
         raise ValueError(f"lorafy: leaf {path!r} has shape {tuple(leaf.shape)}; LoRA needs "
                          "ndim >= 2. Exclude it from targets.")
-    if math.prod(leaf.shape) == 0:
+    if _empty(leaf):
         raise ValueError(f"lorafy: leaf {path!r} of shape {tuple(leaf.shape)} is empty; "
                          "exclude it from targets.")
 
