@@ -99,7 +99,6 @@ class _Record:
         self.ndims = ndims
         self.layouts: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.gathered: set[int] = set()
-        self.grouped: set[int] = set()      # kernels of grouped (depthwise) convolutions
 
     def note(self, probe: _Probe, contract, batch, *, gather: bool = False) -> None:
         cur = probe.current()
@@ -140,8 +139,6 @@ def _probe_conv(eqn, invals, ctx):
     if isinstance(w, _Probe) and not isinstance(invals[0], _Probe):
         out_ax = eqn.params["dimension_numbers"].rhs_spec[0]
         _RECORD[-1].note(w, [a for a in range(w.value.ndim) if a != out_ax], [])
-        if eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
-            _RECORD[-1].grouped.add(w.leaf)
     return _bind_dense(eqn, invals)
 
 
@@ -282,7 +279,7 @@ def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=N
         return resolve_layout(layout, path, leaf)
 
     def default(path, leaf):
-        # not embedding tables (only gathered) nor grouped convolutions' kernels (no rule)
+        # not embedding tables (only gathered)
         return (path in used and used[path][1] == "weight" and is_float_array(leaf)
                 and len(leaf.shape) >= 2)
     layout_of.gathered = frozenset(p for p, (_, kind) in used.items() if kind == "table")
@@ -301,10 +298,9 @@ def infer_layout(fn, params, *args, **kwargs) -> dict[str, tuple[int, tuple[int,
     return {path: lay for path, (lay, _) in weight_usage(fn, params, args, kwargs).items()}
 
 
-def weight_usage(fn, params, args=(), kwargs=None) -> dict[str, tuple[tuple[int, tuple], bool]]:
+def weight_usage(fn, params, args=(), kwargs=None) -> dict[str, tuple[tuple[int, tuple], str]]:
     """``{path: (layout, kind)}``: :func:`infer_layout` plus how the leaf is used: ``"weight"``
-    (contracted), ``"table"`` (gathered by rows: an embedding) or ``"grouped"`` (a grouped
-    convolution's kernel, which LoRA has no factored rule for)."""
+    (contracted) or ``"table"`` (gathered by rows: an embedding)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_implicit)
     paths = [path_str(p) for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
@@ -323,5 +319,5 @@ def weight_usage(fn, params, args=(), kwargs=None) -> dict[str, tuple[tuple[int,
                               for i in shaped])
     finally:
         _RECORD.pop()
-    kind = {**{i: "grouped" for i in record.grouped}, **{i: "table" for i in record.gathered}}
-    return {paths[i]: (lay, kind.get(i, "weight")) for i, lay in record.layouts.items()}
+    return {paths[i]: (lay, "table" if i in record.gathered else "weight")
+            for i, lay in record.layouts.items()}

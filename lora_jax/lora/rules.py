@@ -5,7 +5,7 @@
   ``attend``: ``x@W0ᵀ + s*(x@Bᵀ)@Aᵀ``), whatever their order and position, with
   W as either operand, stacked axes batched or free (``vmap`` with a shared input).
 * ``conv_general_dilated``: A is a conv with W's window, B a 1×1 conv (PEFT's conv LoRA),
-  for any kernel layout (HWIO, OIHW, ...).
+  for any kernel layout (HWIO, OIHW, ...) and feature groups (depthwise too).
 * ``gather`` of rows (embedding lookup): rows of A (or Bᵀ), then the other factor.
 * ``gather`` of whole matrices along stacked axes (``experts[ids]``): the same gather of
   every leaf.
@@ -122,14 +122,21 @@ def _conv_rule(eqn, invals, ctx):
         return ctx.decline(
             f"meets a convolution whose output-feature axis is {out_ax}, but its layout has "
             f"input axes {w.in_axes}. {_LAYOUT_FIX}")
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        return ctx.decline("meets a grouped (depthwise) convolution, which has no LoRA rule.")
+    if p["batch_group_count"] != 1:
+        return ctx.decline("meets a convolution with batch_group_count > 1 (a grouped "
+                           "convolution's weight gradient), which has no LoRA rule.")
     a_axis = {ax: i for i, ax in enumerate(w.in_axes)}          # W axis -> A axis
     a_spec = (nd - 1, *(a_axis[ax] for ax in dn.rhs_spec[1:]))
     common = dict(precision=p.get("precision"))
+    # With G feature groups, W [*K, I/G, O] is one matrix that every group's input meets, so
+    # A runs once per group (A tiled to G*r outputs, grouped as W is) and B maps group g's r
+    # features to g's outputs: a grouped 1x1 conv. G = 1 is PEFT's conv LoRA.
+    groups = p["feature_group_count"]
+    a = jnp.tile(w.a.astype(x.dtype), (1,) * (nd - 1) + (groups,))      # [*I, G*r]
     t = lax.conv_general_dilated(
-        ctx.drop(x), w.a.astype(x.dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
-        p["rhs_dilation"], lax.ConvDimensionNumbers(dn.lhs_spec, a_spec, dn.out_spec), **common)
+        ctx.drop(x), a, p["window_strides"], p["padding"], p["lhs_dilation"],
+        p["rhs_dilation"], lax.ConvDimensionNumbers(dn.lhs_spec, a_spec, dn.out_spec),
+        feature_group_count=groups, **common)
     t = t * jnp.asarray(w.scale, t.dtype)
     # B is a 1x1 conv from r to out features in the kernel layout of the eqn.
     kshape = [1] * nd
@@ -140,7 +147,8 @@ def _conv_rule(eqn, invals, ctx):
     d = lax.conv_general_dilated(
         t, bk, (1,) * nsp, [(0, 0)] * nsp, (1,) * nsp, (1,) * nsp,
         lax.ConvDimensionNumbers(dn.out_spec, dn.rhs_spec, dn.out_spec),
-        preferred_element_type=p.get("preferred_element_type"), **common)
+        feature_group_count=groups, preferred_element_type=p.get("preferred_element_type"),
+        **common)
     base = _base(eqn, invals, w)
     return base + d.astype(base.dtype)
 

@@ -172,6 +172,17 @@ class NnxStack(nnx.Module):
         return step(self.blocks, x)
 
 
+class DepthwiseSeparable(nn.Module):
+    """MobileNet / ConvNeXt block: a depthwise conv (one group per channel, kernel
+    [3, 3, 1, 6]), a grouped conv (3 groups, [3, 3, 2, 9]), a pointwise conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(6, (3, 3), feature_group_count=6, name="depthwise")(x)
+        x = nn.Conv(9, (3, 3), strides=2, feature_group_count=3, name="grouped")(jax.nn.gelu(x))
+        return nn.Conv(7, (1, 1), name="pointwise")(x)
+
+
 # ----------------------------------------------------------------------------- haiku
 
 def _hk_conv_mlp(x):                              # x: [B, H, W, 3]
@@ -207,6 +218,11 @@ def _eqx_mlp():
 
 def _eqx_conv():
     model = eqx.nn.Conv2d(3, 6, kernel_size=3, key=jax.random.key(1))   # weight OIHW
+    return _eqx(model, lambda m, x: jax.vmap(m)(x))
+
+
+def _eqx_grouped_conv():
+    model = eqx.nn.Conv2d(6, 9, kernel_size=3, groups=3, key=jax.random.key(1))  # [9, 2, 3, 3]
     return _eqx(model, lambda m, x: jax.vmap(m)(x))
 
 
@@ -313,6 +329,8 @@ CASES = {
                                                    _x((B, T, D)), None),
     "linen_vmap_shared_input": lambda: (*_linen(VmapHeads(), _x((B, D))), _x((B, D)), None),
     "linen_conv": lambda: (*_linen(nn.Conv(7, (3, 3)), _x((B, 7, 7, 3))), _x((B, 7, 7, 3)), None),
+    "linen_depthwise_grouped_conv": lambda: (*_linen(DepthwiseSeparable(), _x((B, 7, 7, 6))),
+                                             _x((B, 7, 7, 6)), None),
     "linen_embed_attend": lambda: (*_linen(TiedLM(), jnp.ones((B, T), jnp.int32)),
                                    jnp.array([[1, 5, 10], [3, 0, 7]]), r"embedding|kernel"),
     "gemma_einsums": lambda: (*_linen(GemmaBlock(), _x((B, T, D))), _x((B, T, D)), None),
@@ -324,6 +342,7 @@ CASES = {
     "haiku_layer_stack": lambda: (*_haiku(_hk_layer_stack, _x((B, D))), _x((B, D)), None),
     "equinox_mlp_out_in": lambda: (*_eqx_mlp(), _x((B, T, D)), None),
     "equinox_conv": lambda: (*_eqx_conv(), _x((B, 3, 7, 7)), None),
+    "equinox_grouped_conv": lambda: (*_eqx_grouped_conv(), _x((B, 6, 7, 7)), None),
     "equinox_attention": lambda: (*_eqx_attention(), _x((B, T, D)), None),
     "equinox_embedding_head": lambda: (*_eqx(_EqxTagger(jax.random.key(1)),
                                              lambda m, ids: m(ids)),
@@ -412,7 +431,8 @@ def test_default_path(case):
 @pytest.mark.parametrize("case", ["linen_scan_densegeneral_remat", "gemma_einsums",
                                   "equinox_mlp_out_in", "haiku_layer_stack", "nnx_mlp",
                                   "haiku_gru_split_gates", "jax_top1_moe_gather",
-                                  "jax_fori_loop_layer_index", "jax_fused_qkv_slices_reshape"])
+                                  "jax_fori_loop_layer_index", "jax_fused_qkv_slices_reshape",
+                                  "linen_depthwise_grouped_conv"])
 def test_nf4_base(case):
     fn, params, x, targets = CASES[case]()
     qp = lj.quantize(params, "nf4", fn=fn, args=(x,))
@@ -474,25 +494,23 @@ def test_scanned_weight_guessed_without_stacked_axis_is_named():
         lj.lora(fn, strict=True)(lp, x)
 
 
-def test_grouped_conv_kernels_are_not_default_targets():
-    """A depthwise/grouped conv (ConvNeXt, RegNet, MobileNet) has no factored LoRA rule: with
-    fn its kernel is left out of the default targets, so the default call stays strict-clean;
-    targeted by name, it is formed (reported) and still exact."""
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.Conv(6, (3, 3), feature_group_count=3, name="depthwise")(x)
-            return nn.Conv(7, (1, 1), name="pointwise")(x)
-    x = _x((B, 5, 5, 3))
-    fn, params = _linen(Net(), x)
+def test_grouped_conv_adapter_is_a_delta_of_the_kernel():
+    """A grouped kernel [*K, I/G, O] is one matrix every group's input meets, so its adapter
+    is ``ΔW = s·A@B`` of that shape (A [*K, I/G, r], B [r, O]): merge() folds it in, and lora
+    runs A once per group and B as a grouped 1x1 conv, never forming ΔW."""
+    fn, params, x, _ = CASES["linen_depthwise_grouped_conv"]()
     lp = lj.lorafy(params, rank=2, fn=fn, args=(x,))
-    assert [str(p) for p, _ in _nodes(lp)] == ["(DictKey(key='pointwise'), DictKey(key='kernel'))"]
-    jax.jit(lj.lora(fn, strict=True))(randomize_b(lp, jax.random.key(3)), x)
-    lp = randomize_b(lj.lorafy(params, rank=2, fn=fn, args=(x,), targets="depthwise/kernel"),
-                     jax.random.key(3))
-    with pytest.warns(lj.MaterializationWarning, match=r"'depthwise/kernel'.*grouped"):
-        got = lj.lora(fn)(lp, x)
-    close(got, fn(lj.merge(lp), x), 1e-5)
+    assert {jax.tree_util.keystr(p[:1]) for p, _ in _nodes(lp)} == {
+        "['depthwise']", "['grouped']", "['pointwise']"}
+    assert lp["depthwise"]["kernel"].a.shape == (3, 3, 1, 2)
+    assert lp["grouped"]["kernel"].b.shape == (2, 9)
+    lp = randomize_b(lp, jax.random.key(3))
+    w = lp["grouped"]["kernel"]
+    delta = lj.merge({"k": w})["k"] - w.w0
+    np.testing.assert_allclose(delta, w.scale * jnp.einsum("hwir,ro->hwio", w.a, w.b),
+                               rtol=1e-5, atol=1e-6)
+    hlo = jax.jit(lj.lora(fn, strict=True)).lower(lp, x).as_text()
+    assert "feature_group_count = 3" in hlo and "feature_group_count = 6" in hlo
 
 
 def test_transposed_use_of_a_guessed_layout_is_reported():
