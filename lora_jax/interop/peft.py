@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -40,6 +41,7 @@ from lora_jax.interop.peft_format import (
     has_tied_embeddings,
     is_adapter_dir,
     is_embedding,
+    linear_view,
     magnitude_key,
     strip_params,
     write_adapter,
@@ -88,22 +90,33 @@ def _lora_leaves(params, module_map: Mapping[str, str]) -> list[tuple[str, LoraW
     return leaves
 
 
+def _flat_factors(w) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``a`` [*S, in, r], ``b`` [*S, r, out] and ``m`` [*S, out] (or None), each side of the
+    weight flattened in its own axis order (:func:`linear_view`)."""
+    s = w.stack_ndim
+    ins, outs, _ = linear_view(w.shape[s:], w.in_axes)
+    a = np.asarray(jax.device_get(w.a))
+    a = np.transpose(a, (*range(s), *(s + i for i in np.argsort(w.in_axes)), a.ndim - 1))
+    a = a.reshape(*a.shape[:s], math.prod(ins), w.rank)
+    b = np.asarray(jax.device_get(w.b)).reshape(*w.shape[:s], w.rank, math.prod(outs))
+    m = np.asarray(jax.device_get(w.m)).reshape(*w.shape[:s], -1) \
+        if isinstance(w, DoraWeight) else None
+    return a, b, m
+
+
 def _per_layer(path: str, w, template: str) -> list[tuple]:
     """``[(module name, a [in, r], b [r, out], m [out] or None)]``: one per layer of a
     stacked leaf (m: a DoraWeight's magnitude)."""
     if w.a is None or w.b is None:
         raise ValueError(f"to_peft: LoRA leaf {path!r} has no a/b (a frozen half of split?)")
-    if w.in_ndim != 1:
-        raise ValueError(f"to_peft: leaf {path!r} has {w.in_ndim} input axes; only weights "
-                         "with one input and one output axis map to PEFT")
-    a, b, s = np.asarray(jax.device_get(w.a)), np.asarray(jax.device_get(w.b)), w.stack_ndim
+    s = w.stack_ndim
     if s > 1:
         raise ValueError(f"to_peft: leaf {path!r} has {s} stacked axes; only 0 or 1 supported")
     if (s == 1) != ("{i}" in template):
         need = "needs {i}" if s else "must not have {i}"
         raise ValueError(f"to_peft: leaf {path!r} has {s} stacked axes; its module name "
                          f"{template!r} {need}")
-    m = np.asarray(jax.device_get(w.m)) if isinstance(w, DoraWeight) else None
+    a, b, m = _flat_factors(w)
     if s == 0:
         return [(template, a, b, m)]
     return [(template.format(i=i), a[i], b[i], None if m is None else m[i])
@@ -153,13 +166,14 @@ def _patterns(modules: list[_Module], r0: int, alpha0: float) -> tuple[dict, dic
     return rank_pattern, alpha_pattern, sorted(by_short)
 
 
-def _config(modules: list[_Module], base_model_name_or_path: str | None) -> dict:
+def _config(modules: list[_Module], base_model_name_or_path: str | None,
+            task_type: str | None) -> dict:
     use_rslora, modules = _common_rslora(modules)
     r0 = Counter(m.rank for m in modules).most_common(1)[0][0]
     alpha0 = Counter(m.alpha for m in modules).most_common(1)[0][0]
     rank_pattern, alpha_pattern, targets = _patterns(modules, r0, alpha0)
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "peft_type": "LORA", "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r0, "lora_alpha": _num(alpha0), "target_modules": targets,
         "use_rslora": use_rslora, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
@@ -169,14 +183,17 @@ def _config(modules: list[_Module], base_model_name_or_path: str | None) -> dict
     }
 
 
-def _adapter(params, base_model_name_or_path, module_map) -> tuple[dict, dict]:
+def _adapter(params, base_model_name_or_path, module_map, task_type) -> tuple[dict, dict]:
     """``(tensors, adapter_config)`` of one adapter."""
+    if task_type is not None and not isinstance(task_type, str):
+        raise TypeError(f"to_peft: task_type must be a string such as 'CAUSAL_LM', or None; "
+                        f"got {task_type!r}.")
     # keys as lorafy / infer_layout print them, with or without a variables dict's params/
     module_map = {strip_params(k): v for k, v in
                   (LLAMA_MODULE_MAP if module_map is None else module_map).items()}
     leaves = _lora_leaves(params, module_map)
     tensors, modules = _tensors(leaves, module_map)
-    config = _config(modules, base_model_name_or_path)
+    config = _config(modules, base_model_name_or_path, task_type)
     config["use_dora"] = isinstance(leaves[0][1], DoraWeight)
     saved, to_save = saved_tensors(params, module_map)        # Trainable leaves
     tensors.update(saved)
@@ -185,7 +202,8 @@ def _adapter(params, base_model_name_or_path, module_map) -> tuple[dict, dict]:
 
 
 def to_peft(params, out_dir: PathLike, *, base_model_name_or_path: str | None = None,
-            module_map: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
+            module_map: Mapping[str, str] | None = None, task_type: str | None = "CAUSAL_LM",
+            overwrite: bool = False) -> Path:
     """Write the LoRA factors of ``params`` as a PEFT LoRA adapter directory.
 
     Args:
@@ -199,17 +217,24 @@ def to_peft(params, out_dir: PathLike, *, base_model_name_or_path: str | None = 
         (``NotADirectoryError``). Nothing is written when it is refused.
       base_model_name_or_path: recorded in ``adapter_config.json``.
       module_map: our leaf path -> HF module name; default ``LLAMA_MODULE_MAP``.
+      task_type: PEFT's ``task_type`` (``PeftModel.from_pretrained`` picks its model class by
+        it); None for a model that is no transformers task model (PEFT's custom models).
+
+    A weight with several input or output axes (DenseGeneral's ``[H, Dh, D]`` o_proj) is
+    written as the ``nn.Linear`` that flattens each side in the weight's own axis order,
+    ``[H*Dh, D]``; :func:`~lora_jax.interop.from_peft` onto lorafied params reverses it.
 
     :class:`~lora_jax.Trainable` leaves (``lorafy(..., trainable=)``) are written as
     PEFT's ``modules_to_save`` (:mod:`lora_jax.interop.peft_saved`).
     Returns the adapter directory path.
     """
-    tensors, config = _adapter(params, base_model_name_or_path, module_map)
+    tensors, config = _adapter(params, base_model_name_or_path, module_map, task_type)
     return write_adapter(Path(out_dir), tensors, config, overwrite=overwrite)
 
 
 def to_peft_adapters(params, out_dir: PathLike, *, base_model_name_or_path: str | None = None,
                      module_map: Mapping[str, str] | None = None,
+                     task_type: str | None = "CAUSAL_LM",
                      overwrite: bool = False) -> dict[str, Path]:
     """Export every adapter of a stacked tree as PEFT's ``save_pretrained`` lays out
     several: ``out_dir/<name>/`` per adapter, except one named ``"default"`` which goes
@@ -221,7 +246,8 @@ def to_peft_adapters(params, out_dir: PathLike, *, base_model_name_or_path: str 
     (a previous export of adapters is replaced, other contents need ``overwrite=True``)."""
     root = Path(os.fspath(out_dir)).absolute()
     names = list(adapter_names(params))
-    files = {n: _adapter(unstack_adapter(params, n), base_model_name_or_path, module_map)
+    files = {n: _adapter(unstack_adapter(params, n), base_model_name_or_path, module_map,
+                         task_type)
              for n in names}
 
     def write(d: Path):

@@ -30,7 +30,8 @@ from lora_jax.checkpoint import read_json, read_safetensors, replace_dir, write_
 from lora_jax.lora import lora_scale
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "PREFIX", "PeftConfig", "alpha_for_scale", "factor_keys",
-           "has_tied_embeddings", "is_adapter_dir", "is_embedding", "magnitude_key", "parse_key",
+           "has_tied_embeddings", "is_adapter_dir", "is_embedding", "linear_view", "magnitude_key",
+           "parse_key",
            "read_adapter",
            "strip_params", "write_adapter", "write_adapter_files"]
 
@@ -68,6 +69,18 @@ def factor_keys(module: str, embedding: bool) -> tuple[str, str]:
 def magnitude_key(module: str) -> str:
     """The key of ``module``'s DoRA magnitude, as PEFT's ``save_pretrained`` writes it."""
     return f"{PREFIX}{module}.lora_magnitude_vector"
+
+
+def linear_view(per_shape, in_axes) -> tuple[tuple, tuple, tuple]:
+    """How a weight of per-layer shape ``per_shape`` is a PEFT ``nn.Linear``: ``(ins, outs,
+    perm)``, its input and output axis sizes in its own axis order and the permutation taking
+    it to ``[*ins, *outs]``. PEFT's ``[in, out]`` matrix is that array flattened on each side,
+    as a torch model reshapes heads: DenseGeneral's o_proj ``[H, Dh, D]`` is ``[H*Dh, D]``,
+    q_proj ``[D, H, Dh]`` is ``[D, H*Dh]``."""
+    ins = sorted(in_axes)
+    outs = [j for j in range(len(per_shape)) if j not in in_axes]
+    return (tuple(per_shape[j] for j in ins), tuple(per_shape[j] for j in outs),
+            tuple(ins + outs))
 
 
 def parse_key(key: str) -> tuple[str, str] | None:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -32,6 +33,7 @@ from lora_jax.interop.peft_format import (
     alpha_for_scale,
     has_tied_embeddings,
     is_embedding,
+    linear_view,
     parse_key,
     read_adapter,
     strip_params,
@@ -104,15 +106,25 @@ def _is_node(x) -> bool:
     return isinstance(x, (LoraWeight, DoraWeight))
 
 
-def _in_axes(leaf) -> tuple[int, ...]:
-    in_axes = leaf.in_axes if _is_node(leaf) else (0,)
-    if len(in_axes) != 1:
-        raise ValueError(f"from_peft: a LoraWeight with in_axes={in_axes} has no PEFT form; "
-                         "PEFT factors have one input axis.")
-    return in_axes
+def _in_axes(path: str, leaf, per: tuple) -> tuple[int, ...]:
+    """A lorafied leaf's own layout; a plain leaf must be a matrix, (in, out)."""
+    if _is_node(leaf):
+        return leaf.in_axes
+    if len(per) != 2:
+        raise ValueError(f"from_peft: leaf {path!r} has per-layer shape {per}; a plain leaf "
+                         "must be an (in, out) matrix. Load onto lorafied params (lorafy(..., "
+                         "fn=, args=) or layout=) so its input and output axes are known.")
+    return (0,)
 
 
-def _base(path: str, leaf, parts: list[dict], stacked: bool):
+def _from_io(x: np.ndarray, lead: int, per: tuple, in_axes) -> np.ndarray:
+    """``x`` [*lead, in, out] (PEFT's flattened matrix) as an array of the weight's shape."""
+    ins, outs, perm = linear_view(per, in_axes)
+    x = x.reshape(*x.shape[:lead], *ins, *outs)
+    return np.transpose(x, (*range(lead), *(lead + perm.index(j) for j in range(len(per)))))
+
+
+def _base(path: str, leaf, parts: list[dict], stacked: bool, in_axes):
     """The leaf's base weight; PEFT's saved ``base_layer`` weight replaces it, as in PEFT."""
     base = leaf.w0 if _is_node(leaf) else leaf
     saved = [p["base"] for p in parts if "base" in p]
@@ -122,8 +134,9 @@ def _base(path: str, leaf, parts: list[dict], stacked: bool):
         raise ValueError(f"from_peft: base_layer weights for stacked leaf {path!r} "
                          "are not supported")
     # PEFT saves torch's (out, in) weight; embeddings are [V, D] on both sides
-    transpose = not is_embedding(path) and _in_axes(leaf) == (0,)
-    bw = saved[0].T if transpose else saved[0]
+    bw = saved[0]
+    if not is_embedding(path) and bw.ndim == 2 and bw.size == math.prod(base.shape):
+        bw = _from_io(bw.T, 0, tuple(base.shape), in_axes)
     if tuple(bw.shape) != tuple(base.shape):
         raise ValueError(f"from_peft: base_layer weight for {path!r} has shape {bw.shape}, "
                          f"expected {base.shape}")
@@ -179,18 +192,21 @@ def _stack(entries: list[_Factors | None], io_shape, use_rslora: bool):
 
 
 def _new_leaf(path: str, leaf, mods, found, cfg: PeftConfig, stacked: bool, dtype):
-    base = _base(path, leaf, [found[m] for _, m in mods], stacked)
-    in_axes = _in_axes(leaf)
-    per = tuple(base.shape)[1:] if stacked else tuple(base.shape)
-    if len(per) != 2:
-        raise ValueError(f"from_peft: leaf {path!r} has per-layer shape {per}; PEFT LoRA "
-                         "needs a 2-D weight")
-    io_shape = per if in_axes == (0,) else per[::-1]
+    shape = tuple((leaf.w0 if _is_node(leaf) else leaf).shape)
+    per = shape[1:] if stacked else shape
+    in_axes = _in_axes(path, leaf, per)
+    base = _base(path, leaf, [found[m] for _, m in mods], stacked, in_axes)
+    ins, outs, _ = linear_view(per, in_axes)
+    io_shape = (math.prod(ins), math.prod(outs))
     per_layer = {0 if i is None else i: _factors(m, found[m], cfg, io_shape) for i, m in mods}
     n_layers = base.shape[0] if stacked else 1
     if stacked:
         _check_layers(path, per_layer, n_layers, cfg)
     a, b, alpha = _stack([per_layer.get(i) for i in range(n_layers)], io_shape, cfg.use_rslora)
+    # back from PEFT's flattened sides to the weight's own axes (a: [L, *I, r], in in_axes order)
+    a = a.reshape(n_layers, *ins, -1)
+    a = np.transpose(a, (0, *(1 + sorted(in_axes).index(j) for j in in_axes), a.ndim - 1))
+    b = b.reshape(n_layers, -1, *outs)
     if not stacked:
         a, b = a[0], b[0]
     out_dtype = dtype or (base.dtype if jnp.issubdtype(base.dtype, jnp.floating) else jnp.float32)
@@ -202,7 +218,7 @@ def _new_leaf(path: str, leaf, mods, found, cfg: PeftConfig, stacked: bool, dtyp
     m = np.array(to_dora({"w": lw})["w"].m, np.float32).reshape(n_layers, -1)
     for i, e in per_layer.items():
         m[i] = e.m
-    m = m.reshape(tuple(base.shape)[:1] + (-1,) if stacked else (-1,))
+    m = m.reshape(shape[:1] + outs if stacked else outs)
     return DoraWeight(lw.w0, lw.a, lw.b, jnp.asarray(m, out_dtype), alpha=lw.alpha,
                       rslora=lw.rslora, in_axes=in_axes)
 

@@ -12,7 +12,7 @@ from lora_jax.lora.layout import normalize as normalize_layout
 from lora_jax.lora.layout import resolve_layout
 from lora_jax.lora.lorafy import lorafy
 from lora_jax.lora.lorafy import merge
-from lora_jax.lora.rules import dot_rule
+from lora_jax.lora.rules import dot_rule, transpose_rule
 from lora_jax.lora.rules import is_row_lookup
 from lora_jax.lora.train import combine
 from lora_jax.lora.train import count_params
@@ -63,5 +63,6 @@ __all__ = (
     "split",
     "trainable_labels",
     "trainable_mask",
+    "transpose_rule",
     "weight_usage",
 )

@@ -220,7 +220,7 @@ def _select_rule(eqn, w, idx, ctx):
 
 
 @register("transpose", LoraWeight)
-def _transpose_rule(eqn, invals, ctx):
+def transpose_rule(eqn, invals, ctx):
     (w,) = invals
     perm = tuple(eqn.params["permutation"])
     s = w.stack_ndim

@@ -46,6 +46,7 @@ from lora_jax.lora import (
     looks_like_factors,
     lora_scale,
     lorafy,
+    transpose_rule,
 )
 
 # ----------------------------------------------------------------------------- DoRA node
@@ -222,6 +223,20 @@ def _dora_conv_rule(eqn, invals, ctx):
     # Output channel o of any convolution (grouped too) reads only kernel slice o, so
     # DoRA's per-channel factor moves from the kernel to the output.
     return _via_lora(eqn, invals, ctx, w, dn.out_spec[1])
+
+
+@register("transpose", DoraWeight)
+def _dora_transpose_rule(eqn, invals, ctx):
+    (w,) = invals
+    perm, s = tuple(eqn.params["permutation"]), w.stack_ndim
+    if perm[:s] != tuple(range(s)):
+        return ctx.decline("is transposed across its stacked-layer axes.")
+    lw = transpose_rule(eqn, (w.as_lora(),), ctx)
+    # m [*S, *O] follows B's output axes to their new order
+    new_pos = {old - s: new for new, old in enumerate(perm[s:])}
+    order = sorted(range(len(w.out_axes)), key=lambda k: new_pos[w.out_axes[k]])
+    m = lax.transpose(w.m, (*range(s), *(s + k for k in order)))
+    return DoraWeight(lw.w0, lw.a, lw.b, m, alpha=w.alpha, rslora=w.rslora, in_axes=lw.in_axes)
 
 
 @register("gather", DoraWeight)

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lora_jax
-from helpers import SMALL_LLAMA
+from helpers import SMALL_LLAMA, randomize_b
 from lora_jax.core import path_str
 from lora_jax.interop import from_peft, to_peft
 from lora_jax.models import loading
@@ -395,12 +395,88 @@ def test_hand_written_adapters_that_do_not_fit_are_refused(tmp_path):
         from_peft(pickled, base, **kw)
 
 
-def test_to_peft_refuses_weights_with_two_input_axes(tmp_path):
-    w = lora_jax.LoraWeight(jnp.zeros((3, 5, 7)), jnp.ones((3, 5, 2)), jnp.ones((2, 7)),
-                            in_axes=(0, 1))
-    with pytest.raises(ValueError, match="'x/w' has 2 input axes"):
-        to_peft({"x": {"w": w}}, tmp_path / "ad", module_map={"x/w": "model.x"})
-    assert not tmp_path.joinpath("ad").exists() and not list(tmp_path.iterdir())
+class _HeadsNet(torch.nn.Module if _HAVE_ORACLES else object):
+    """The torch side of ``_heads_fn``: q_proj Linear(D, H*Dh), o_proj Linear(H*Dh, D) per
+    layer, an Equinox-style (out, in) head."""
+
+    def __init__(self, p):
+        super().__init__()
+        lin = torch.nn.Linear
+        self.layers = torch.nn.ModuleList()
+        for q, o in zip(p["q"], p["o"]):
+            layer = torch.nn.Module()
+            layer.q_proj = lin(q.shape[0], q.shape[1] * q.shape[2], bias=False)
+            layer.o_proj = lin(o.shape[0] * o.shape[1], o.shape[2], bias=False)
+            # torch flattens heads as h*Dh + k, as the kernels' own axis order does
+            layer.q_proj.weight.data = torch.tensor(np.asarray(q).reshape(q.shape[0], -1).T)
+            layer.o_proj.weight.data = torch.tensor(np.asarray(o).reshape(-1, o.shape[2]).T)
+            self.layers.append(layer)
+        self.head = lin(p["head"].shape[1], p["head"].shape[0], bias=False)
+        self.head.weight.data = torch.tensor(np.asarray(p["head"]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer.o_proj(torch.tanh(layer.q_proj(x)))
+        return self.head(x)
+
+
+def _heads_fn(p, x):
+    """Scanned layers with DenseGeneral-style kernels q [L, D, H, Dh] and o [L, H, Dh, D],
+    then an (out, in) head."""
+    def layer(x, w):
+        h = jnp.tanh(jnp.einsum("bd,dhk->bhk", x, w["q"]))
+        return x + jnp.einsum("bhk,hkd->bd", h, w["o"]), None
+    return jax.lax.scan(layer, x, {"q": p["q"], "o": p["o"]})[0] @ p["head"].T
+
+
+@oracle
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_multi_axis_weights_export_as_flattened_linears(dora, tmp_path):
+    """A weight with several input or output axes is PEFT's nn.Linear with each side
+    flattened in the weight's axis order: PEFT's model on the exported adapter gives our
+    outputs, and from_peft onto the lorafied params gives back the same factors."""
+    k = jax.random.split(jax.random.key(0), 4)
+    D, H, Dh, L = 5, 3, 2, 2
+    p = {"q": jax.random.normal(k[0], (L, D, H, Dh)) * 0.5,
+         "o": jax.random.normal(k[1], (L, H, Dh, D)) * 0.5,
+         "head": jax.random.normal(k[2], (7, D))}
+    x = jax.random.normal(k[3], (4, D))
+    lp = lora_jax.lorafy(p, rank=3, alpha=5.0, fn=_heads_fn, args=(x,), targets=list(p))
+    assert lp["o"].in_axes == (0, 1) and lp["head"].in_axes == (1,)
+    lp = randomize_b(lp, jax.random.key(5))
+    # the same adapter with o's input axes listed the other way round: a [L, Dh, H, r]
+    swapped = dict(lp, o=lora_jax.LoraWeight(lp["o"].w0, jnp.swapaxes(lp["o"].a, 1, 2),
+                                             lp["o"].b, alpha=5.0, in_axes=(1, 0)))
+    np.testing.assert_allclose(lora_jax.merge(swapped)["o"], lora_jax.merge(lp)["o"])
+    if dora:
+        lp = {n: lora_jax.variants.DoraWeight(w.w0, w.a, w.b, lora_jax.variants.to_dora(
+            {"w": w})["w"].m * 1.5, alpha=w.alpha, in_axes=w.in_axes) for n, w in lp.items()}
+    ours = np.asarray(lora_jax.lora(_heads_fn)(lp, x))
+    assert np.abs(ours - np.asarray(_heads_fn(p, x))).max() > 1e-2
+    mm = {"q": "layers.{i}.q_proj", "o": "layers.{i}.o_proj", "head": "head"}
+    out = to_peft(lp, tmp_path / "ad", module_map=mm, task_type=None)
+    sd = load_file(out / "adapter_model.safetensors")
+    if not dora:
+        again = load_file(to_peft(swapped, tmp_path / "sw", module_map=mm, task_type=None)
+                          / "adapter_model.safetensors")
+        assert all(np.array_equal(sd[name], again[name]) for name in sd)
+        back = from_peft(tmp_path / "sw", swapped, module_map=mm)
+        assert back["o"].in_axes == (1, 0)
+        np.testing.assert_allclose(back["o"].a, swapped["o"].a, atol=1e-6)
+    assert sd["base_model.model.layers.1.o_proj.lora_A.weight"].shape == (3, H * Dh)
+    assert sd["base_model.model.layers.0.q_proj.lora_B.weight"].shape == (H * Dh, 3)
+    pm = peft.PeftModel.from_pretrained(_HeadsNet(p).eval(), out).eval()
+    with torch.no_grad():
+        theirs = pm(torch.tensor(np.asarray(x))).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-5, rtol=0)
+
+    back = from_peft(out, lp, module_map=mm)
+    for n in p:
+        assert back[n].in_axes == lp[n].in_axes
+        np.testing.assert_allclose(back[n].a, lp[n].a, atol=1e-6)
+        np.testing.assert_allclose(back[n].b, lp[n].b, atol=1e-6)
+    with pytest.raises(ValueError, match=r"leaf 'q' has per-layer shape \(5, 3, 2\); a plain"):
+        from_peft(out, p, module_map=mm)
 
 
 def test_module_map_keys_may_keep_a_variables_dicts_params_prefix(tmp_path):

@@ -111,6 +111,32 @@ def test_dora_conv_matches_peft_conv2d_without_forming_the_kernel():
         "ihwr,ro->oihw", a, b)).reshape(7, -1), axis=1), 1e-5)
 
 
+def test_dora_through_a_transpose_stays_factored():
+    """``x @ W.T`` of an (out, in) weight and a multi-axis kernel moved to heads-last: the
+    transposed node is DoRA over the permuted weight (m follows its output axes)."""
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"fc": jax.random.normal(k[0], (7, 5)), "o": jax.random.normal(k[1], (3, 2, 5))}
+    lay = {"fc": (0, (1,)), "o": (0, (0, 1))}
+    dp = _random_dora(to_dora(lj.lorafy(params, rank=2, targets=list(params), layout=lay)),
+                      jax.random.key(1))
+
+    def f(p, x):                                   # x [B, 5]
+        h = jnp.tanh(x @ p["fc"].T)                # [B, 7]
+        o = jnp.transpose(p["o"], (2, 1, 0))       # [5, 2, 3]: in axes (2, 1) after the move
+        return jnp.einsum("bkh,dkh->bd", h[:, 1:].reshape(-1, 2, 3), o)
+    x = jax.random.normal(k[2], (4, 5))
+
+    def formed(p):
+        return {n: w.as_lora().materialize() * jnp.expand_dims(
+            w.m / jax.lax.stop_gradient(w.weight_norm()), w.in_axes) for n, w in p.items()}
+    close(jax.jit(lj.lora(f, strict=True))(dp, x), f(formed(dp), x), 1e-5)
+    g = jax.grad(lambda p: jnp.sum(lj.lora(f, strict=True)(p, x) ** 2))(dp)
+    g2 = jax.grad(lambda p: jnp.sum(f(formed(p), x) ** 2))(dp)
+    for n in params:
+        for field in ("a", "b", "m"):
+            close(getattr(g[n], field), getattr(g2[n], field), 1e-4)
+
+
 def test_gram_norm_equals_the_formed_norm_for_n_adapters():
     rs = np.random.RandomState(3)
     w0, a, b = rs.randn(11, 7), rs.randn(4, 11, 5), rs.randn(4, 5, 7)
