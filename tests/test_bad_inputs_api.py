@@ -33,6 +33,12 @@ def _base64(bad=None):
     return {"d": {"kernel": w if bad is None else w.at[3, 5].set(bad)}}
 
 
+def _lora_over(tree):
+    """A LoraWeight built by hand over ``tree``'s kernel (lorafy refuses a non-finite base)."""
+    w = tree["d"]["kernel"]
+    return {"d": {"kernel": lj.LoraWeight(w, jnp.full((w.shape[0], 2), 0.1), jnp.zeros((2, 7)))}}
+
+
 def _int_tree():
     return {"d": {"kernel": jnp.ones((5, 7), jnp.int32)}}
 
@@ -84,6 +90,14 @@ LORAFY = [
     ("fn-not-callable", lambda: _lp(fn=3), TypeError, r"lorafy: fn must be callable"),
     ("args-bare-array", lambda: _lp(fn=lambda p, x: x @ p["d"]["kernel"], args=jnp.ones((3, 5))),
      TypeError, r"lorafy: args must be a tuple"),
+    ("args-without-fn", lambda: _lp(args=(jnp.ones((3, 5)),)), ValueError,
+     r"lorafy: args=/kwargs= are example inputs for fn=, which is not given"),
+    ("kwargs-without-fn", lambda: lj.quantize(_base64(), kwargs={"train": False}), ValueError,
+     r"quantize: args=/kwargs= are example inputs for fn="),
+    ("layout-key-unused", lambda: _lp(layout={"dense/kernel": (0, (0,))}), ValueError,
+     r"lorafy: layout key 'dense/kernel' matches no leaf; the tree holds .*'d/kernel'"),
+    ("nan-base", lambda: lj.lorafy(_base64(NAN), rank=2), ValueError,
+     r"lorafy: leaf 'd/kernel' holds 1 non-finite value\(s\) \(first nan at index \(3, 5\)"),
     ("params-int", lambda: lj.lorafy(3, rank=2), TypeError, r"lorafy: params must be a param"),
     ("int-kernel-default", lambda: lj.lorafy(_int_tree(), rank=2), ValueError,
      r"lorafy: no leaf matches the default targets: 'd/kernel' has dtype int32"),
@@ -104,7 +118,7 @@ QUANT = [
      r"quantize: leaf 'd/kernel' holds"),
     ("nan-quantize-array", lambda: quantize_array(_base64(NAN)["d"]["kernel"], path="x/w"),
      ValueError, r"quantize: leaf 'x/w' holds"),
-    ("nan-lora-w0", lambda: lj.quantize(lj.lorafy(_base64(NAN), rank=2)), ValueError,
+    ("nan-lora-w0", lambda: lj.quantize(_lora_over(_base64(NAN))), ValueError,
      r"quantize: leaf 'd/kernel' holds"),
     ("targets-empty", lambda: lj.quantize(_base64(), targets=[]), ValueError,
      r"quantize: targets is an empty list"),
@@ -252,7 +266,7 @@ MULTI = [
     ("with-ids-str", lambda: lj.with_adapter_ids(_stacked(), "a"), TypeError,
      r"with_adapter_ids: ids must"),
     ("pissa-int", lambda: lj.pissa_init(3), TypeError, r"pissa_init: params must be"),
-    ("pissa-nan", lambda: lj.pissa_init(lj.lorafy(_base64(NAN), rank=2)), ValueError,
+    ("pissa-nan", lambda: lj.pissa_init(_lora_over(_base64(NAN))), ValueError,
      r"pissa_init: leaf 'd/kernel': the base weight holds NaN"),
     ("olora-quantized", lambda: lj.olora_init(lj.lorafy(lj.quantize(_base64()), rank=2)),
      TypeError, r"olora_init: leaf 'd/kernel': the base weight is a QuantizedWeight"),

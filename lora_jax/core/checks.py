@@ -139,8 +139,13 @@ def callable_or_none(what: str, name: str, fn) -> None:
         raise TypeError(f"{what}: {name} must be callable, got {type(fn).__name__}.")
 
 
-def fn_args(what: str, args, kwargs) -> tuple:
-    """``args`` as a tuple (a bare array would be unpacked row by row), ``kwargs`` a mapping."""
+def fn_args(what: str, fn, args, kwargs) -> tuple:
+    """``args`` as a tuple (a bare array would be unpacked row by row), ``kwargs`` a mapping;
+    both are example inputs of ``fn``, so they need it."""
+    if fn is None and (args or kwargs):
+        raise ValueError(f"{what}: args=/kwargs= are example inputs for fn=, which is not "
+                         "given, so they would be ignored. Pass fn= (the function that uses the "
+                         "params, called as fn(params, *args, **kwargs)) or drop them.")
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"{what}: args must be a tuple of example inputs, got "
                         f"{type(args).__name__}; pass args=(x,) for one input.")

@@ -239,6 +239,18 @@ for _name in ("slice", "dynamic_slice", "split"):
     register(_name, _Probe, _probe_same_axes)
 
 
+def _unused_layout_keys(params, layout, what: str) -> None:
+    """A layout entry that names no leaf is a typo that would silently keep the guess."""
+    if layout is None or callable(layout):
+        return
+    paths = [path_str(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(params, is_leaf=is_implicit)[0]]
+    for key in layout:
+        if key not in paths and not any(re.search(key, p) for p in paths):
+            raise ValueError(f"{what}: layout key {key!r} matches no leaf; the tree holds "
+                             f"{paths[:6]}. Fix the path or regex, or drop the entry.")
+
+
 def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=None,
                 what: str, require_use: bool):
     """``(layout_of(path, leaf), default_target)`` for a transformation of ``params``.
@@ -250,6 +262,7 @@ def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=N
     guess; ``default_target`` is None (the name-based default).
     """
     check_layout_spec(what, layout)
+    _unused_layout_keys(params, layout, what)
     if fn is None:
         def layout_of(path, leaf):
             ins = getattr(leaf, "in_axes", None) or getattr(leaf, "in_ndim", None)

@@ -66,6 +66,9 @@ def _check_target(path: str, leaf):
     if _empty(leaf):
         raise ValueError(f"lorafy: leaf {path!r} of shape {tuple(leaf.shape)} is empty; "
                          "exclude it from targets.")
+    if not is_implicit(leaf):          # a quantized base was checked by quantize
+        checks.finite_array("lorafy", path, leaf, "A base holding NaN/Inf makes every output "
+                            "of the adapted layer NaN. Fix the weights first.")
 
 
 def _rank(what, name, value):
@@ -98,7 +101,7 @@ def _check_args(params, rank, alpha, key, rslora, init, dtype, layout, fn, args,
     checks.floating_dtype("lorafy", "dtype", dtype)
     check_layout_spec("lorafy", layout)
     checks.callable_or_none("lorafy", "fn", fn)
-    checks.fn_args("lorafy", args, kwargs)
+    checks.fn_args("lorafy", fn, args, kwargs)
 
 
 def _rank_alpha(path, rank, alpha, rank_pattern, alpha_pattern):

@@ -142,7 +142,7 @@ def quantize(params, kind: str = "nf4", *, block_size: int = 64, double_quant: b
     check_kind(kind, block_size, group_size)
     checks.boolean("quantize", "double_quant", double_quant)
     checks.callable_or_none("quantize", "fn", fn)
-    checks.fn_args("quantize", args, kwargs)
+    checks.fn_args("quantize", fn, args, kwargs)
     # A leaf fn never contracts keeps the guessed layout: any layout dequantizes exactly.
     layout_of, default = layouts_for(params, layout=layout, fn=fn, args=args, kwargs=kwargs,
                                      what="quantize", require_use=False)
