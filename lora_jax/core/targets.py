@@ -7,7 +7,8 @@ a predicate ``(path, leaf) -> bool``.
 
 The default finds the weight matrices of every common JAX framework by leaf
 name: Flax ``kernel`` (also NNX State paths ``.../kernel/value``), PyTorch-style
-and Equinox ``weight``, dm-haiku and Gemma-einsum ``w``; floating, ndim >= 2.
+and Equinox ``weight`` (and RNN cells' ``weight_ih``/``weight_hh``), dm-haiku and
+Gemma-einsum ``w`` (haiku GRU's ``w_i``/``w_h``); floating, ndim >= 2.
 
 Example:
     >>> import jax.numpy as jnp
@@ -31,7 +32,9 @@ from lora_jax.core.tree import path_str
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
 
-DEFAULT_LEAF_NAMES = ("kernel", "weight", "w")
+# and the recurrent cells' gate matrices: Equinox GRUCell/LSTMCell ``weight_ih``/``weight_hh``
+# (out, in), haiku GRU ``w_i``/``w_h`` (in, out)
+DEFAULT_LEAF_NAMES = ("kernel", "weight", "w", "weight_ih", "weight_hh", "w_i", "w_h")
 _WRAPPER_NAMES = ("value", "raw_value")      # NNX Variable/State wrappers
 
 

@@ -42,8 +42,9 @@ def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
       [*K, O, I]); OIHW ``weight`` (Equinox, PyTorch) everything but axis 0.
     * Flax ``MultiHeadDotProductAttention``: ``query|key|value`` (d, h, hd) contract
       axis 0, ``out`` (h, hd, d) axes 0 and 1. One extra leading axis = stacked.
-    * ``weight`` (PyTorch / Equinox convention): an ``(out, in)`` matrix.
-    * anything else (``kernel``, ``w``): an ``(in, out)`` matrix.
+    * ``weight``, ``weight_ih``/``weight_hh`` (PyTorch / Equinox convention): an
+      ``(out, in)`` matrix.
+    * anything else (``kernel``, ``w``, haiku GRU's ``w_i``/``w_h``): an ``(in, out)`` matrix.
     Extra leading axes of a matrix are stacked layers.
     """
     nd = len(shape)
@@ -59,7 +60,7 @@ def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
         return (nd - 3 if nd >= 3 else 0), (0,)
     if _MHA_OUT.search(module):
         return (nd - 3, (0, 1)) if nd >= 3 else (0, (0,))
-    return max(nd - 2, 0), ((1,) if name == "weight" else (0,))
+    return max(nd - 2, 0), ((1,) if name.startswith("weight") else (0,))
 
 
 def normalize(layout, path: str, shape: tuple[int, ...]) -> Layout:

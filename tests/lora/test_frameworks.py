@@ -232,6 +232,21 @@ def _eqx_attention():
     return _eqx(model, lambda m, x: jax.vmap(lambda s: m(s, s, s))(x))
 
 
+def _eqx_lstm():
+    """eqx.nn.LSTMCell (weight_ih [4h, in], weight_hh [4h, h]) run over time by lax.scan."""
+    params, static = eqx.partition(eqx.nn.LSTMCell(D, 7, key=jax.random.key(1)), eqx.is_array)
+
+    def fn(p, xs):                                             # xs: [T, B, D]
+        cell = jax.vmap(eqx.combine(p, static))
+
+        def step(carry, x):
+            h, c = cell(x, carry)
+            return (h, c), h
+        zeros = jnp.zeros((xs.shape[1], 7))
+        return jax.lax.scan(step, (zeros, zeros), xs)[1]
+    return fn, params
+
+
 class _EqxTagger(eqx.Module):
     """eqx.nn.Embedding (``weight[i]``, vmapped: a gather keeping the row axis) + a head."""
 
@@ -343,6 +358,7 @@ CASES = {
     "equinox_mlp_out_in": lambda: (*_eqx_mlp(), _x((B, T, D)), None),
     "equinox_conv": lambda: (*_eqx_conv(), _x((B, 3, 7, 7)), None),
     "equinox_grouped_conv": lambda: (*_eqx_grouped_conv(), _x((B, 6, 7, 7)), None),
+    "equinox_lstm_scan": lambda: (*_eqx_lstm(), _x((T, B, D)), None),
     "equinox_attention": lambda: (*_eqx_attention(), _x((B, T, D)), None),
     "equinox_embedding_head": lambda: (*_eqx(_EqxTagger(jax.random.key(1)),
                                              lambda m, ids: m(ids)),
@@ -463,12 +479,14 @@ def test_warning_names_parameter_and_fix():
 
 
 def test_default_targets_of_every_framework():
-    for case in ("haiku_conv_mlp", "nnx_mlp", "equinox_mlp_out_in", "gemma_einsums"):
+    """Without fn, the names find what fn finds, with the layouts fn reads."""
+    for case in ("haiku_conv_mlp", "nnx_mlp", "equinox_mlp_out_in", "gemma_einsums",
+                 "haiku_gru_split_gates", "equinox_lstm_scan"):
         fn, params, x, _ = CASES[case]()
-        with_fn = {p for p, _ in _nodes(lj.lorafy(params, rank=2, fn=fn, args=(x,)))}
+        with_fn = {p: w.in_axes for p, w in _nodes(lj.lorafy(params, rank=2, fn=fn, args=(x,)))}
         assert with_fn, case
         if case != "gemma_einsums":                  # gating_einsum/linear need fn to be found
-            names = {p for p, _ in _nodes(lj.lorafy(params, rank=2))}
+            names = {p: w.in_axes for p, w in _nodes(lj.lorafy(params, rank=2))}
             assert names == with_fn, case
     with pytest.raises(ValueError, match=r"'norm/scale' \(5,\).*targets="):
         lj.lorafy({"norm": {"scale": jnp.ones(5)}}, rank=2)
