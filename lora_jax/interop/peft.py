@@ -33,10 +33,11 @@ import jax
 import numpy as np
 
 from lora_jax.checkpoint import replace_dir
-from lora_jax.core import path_str
+from lora_jax.core import Targets, path_str, select_leaves
 from lora_jax.interop.hf_names import LLAMA_MODULE_MAP
 from lora_jax.interop.peft_format import (
     alpha_for_scale,
+    conv_view,
     factor_keys,
     has_tied_embeddings,
     is_adapter_dir,
@@ -90,23 +91,30 @@ def _lora_leaves(params, module_map: Mapping[str, str]) -> list[tuple[str, LoraW
     return leaves
 
 
-def _flat_factors(w) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``a`` [*S, in, r], ``b`` [*S, r, out] and ``m`` [*S, out] (or None), each side of the
-    weight flattened in its own axis order (:func:`linear_view`)."""
+def _peft_factors(w, conv: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """PEFT's ``lora_A`` [*S, r, in], ``lora_B`` [*S, out, r] and magnitude [*S, out] (or
+    None): each side of the weight flattened in its own axis order (:func:`linear_view`).
+    A conv kernel's are ConvNd's: [*S, r, in, *K], [*S, out, r, 1, ...], [*S, 1, out, 1, ...]."""
     s = w.stack_ndim
+    a, b = np.asarray(jax.device_get(w.a)), np.asarray(jax.device_get(w.b))
+    m = np.asarray(jax.device_get(w.m)) if isinstance(w, DoraWeight) else None
+    lead = w.shape[:s]
+    if conv:
+        order = conv_view(w.shape[s:], w.in_axes)
+        ones = (1,) * (len(order) - 1)
+        a = np.transpose(a, (*range(s), a.ndim - 1, *(s + w.in_axes.index(j) for j in order)))
+        b = np.swapaxes(b, -1, -2).reshape(*lead, -1, w.rank, *ones)
+        return a, b, None if m is None else m.reshape(*lead, 1, -1, *ones)
     ins, outs, _ = linear_view(w.shape[s:], w.in_axes)
-    a = np.asarray(jax.device_get(w.a))
     a = np.transpose(a, (*range(s), *(s + i for i in np.argsort(w.in_axes)), a.ndim - 1))
-    a = a.reshape(*a.shape[:s], math.prod(ins), w.rank)
-    b = np.asarray(jax.device_get(w.b)).reshape(*w.shape[:s], w.rank, math.prod(outs))
-    m = np.asarray(jax.device_get(w.m)).reshape(*w.shape[:s], -1) \
-        if isinstance(w, DoraWeight) else None
-    return a, b, m
+    a = np.swapaxes(a.reshape(*lead, math.prod(ins), w.rank), -1, -2)
+    b = np.swapaxes(b.reshape(*lead, w.rank, math.prod(outs)), -1, -2)
+    return a, b, None if m is None else m.reshape(*lead, -1)
 
 
-def _per_layer(path: str, w, template: str) -> list[tuple]:
-    """``[(module name, a [in, r], b [r, out], m [out] or None)]``: one per layer of a
-    stacked leaf (m: a DoraWeight's magnitude)."""
+def _per_layer(path: str, w, template: str, conv: bool) -> list[tuple]:
+    """``[(module name, A, B, magnitude or None)]`` in PEFT's shapes: one per layer of a
+    stacked leaf."""
     if w.a is None or w.b is None:
         raise ValueError(f"to_peft: LoRA leaf {path!r} has no a/b (a frozen half of split?)")
     s = w.stack_ndim
@@ -116,21 +124,24 @@ def _per_layer(path: str, w, template: str) -> list[tuple]:
         need = "needs {i}" if s else "must not have {i}"
         raise ValueError(f"to_peft: leaf {path!r} has {s} stacked axes; its module name "
                          f"{template!r} {need}")
-    a, b, m = _flat_factors(w)
+    try:
+        a, b, m = _peft_factors(w, conv)
+    except ValueError as e:
+        raise ValueError(f"to_peft: leaf {path!r} is named by conv=, but {e}.") from None
     if s == 0:
         return [(template, a, b, m)]
     return [(template.format(i=i), a[i], b[i], None if m is None else m[i])
             for i in range(a.shape[0])]
 
 
-def _tensors(leaves, module_map) -> tuple[dict[str, np.ndarray], list[_Module]]:
+def _tensors(leaves, module_map, convs) -> tuple[dict[str, np.ndarray], list[_Module]]:
     tensors, modules = {}, []
     for path, w in leaves:
-        for name, a, b, m in _per_layer(path, w, module_map[path]):
+        for name, a, b, m in _per_layer(path, w, module_map[path], path in convs):
             key_a, key_b = factor_keys(name, is_embedding(path))
-            tensors[key_a], tensors[key_b] = a.T, b.T          # [r, in], [out, r]
+            tensors[key_a], tensors[key_b] = a, b
             if m is not None:
-                tensors[magnitude_key(name)] = m               # [out]
+                tensors[magnitude_key(name)] = m
             modules.append(_Module(name, int(w.rank), float(w.alpha), bool(w.rslora)))
     return tensors, modules
 
@@ -183,7 +194,15 @@ def _config(modules: list[_Module], base_model_name_or_path: str | None,
     }
 
 
-def _adapter(params, base_model_name_or_path, module_map, task_type) -> tuple[dict, dict]:
+def _convs(params, conv) -> set[str]:
+    """Paths (``params/`` stripped) of the leaves ``conv`` names as ConvNd kernels."""
+    if conv is None:
+        return set()
+    return {strip_params(p) for p, _, _ in select_leaves(params, conv, what="to_peft conv")}
+
+
+def _adapter(params, base_model_name_or_path, module_map, task_type,
+             conv) -> tuple[dict, dict]:
     """``(tensors, adapter_config)`` of one adapter."""
     if task_type is not None and not isinstance(task_type, str):
         raise TypeError(f"to_peft: task_type must be a string such as 'CAUSAL_LM', or None; "
@@ -192,7 +211,7 @@ def _adapter(params, base_model_name_or_path, module_map, task_type) -> tuple[di
     module_map = {strip_params(k): v for k, v in
                   (LLAMA_MODULE_MAP if module_map is None else module_map).items()}
     leaves = _lora_leaves(params, module_map)
-    tensors, modules = _tensors(leaves, module_map)
+    tensors, modules = _tensors(leaves, module_map, _convs(params, conv))
     config = _config(modules, base_model_name_or_path, task_type)
     config["use_dora"] = isinstance(leaves[0][1], DoraWeight)
     saved, to_save = saved_tensors(params, module_map)        # Trainable leaves
@@ -203,7 +222,7 @@ def _adapter(params, base_model_name_or_path, module_map, task_type) -> tuple[di
 
 def to_peft(params, out_dir: PathLike, *, base_model_name_or_path: str | None = None,
             module_map: Mapping[str, str] | None = None, task_type: str | None = "CAUSAL_LM",
-            overwrite: bool = False) -> Path:
+            conv: Targets = None, overwrite: bool = False) -> Path:
     """Write the LoRA factors of ``params`` as a PEFT LoRA adapter directory.
 
     Args:
@@ -219,6 +238,12 @@ def to_peft(params, out_dir: PathLike, *, base_model_name_or_path: str | None = 
       module_map: our leaf path -> HF module name; default ``LLAMA_MODULE_MAP``.
       task_type: PEFT's ``task_type`` (``PeftModel.from_pretrained`` picks its model class by
         it); None for a model that is no transformers task model (PEFT's custom models).
+      conv: the leaves that are convolution kernels (a regex, a list of them or a predicate,
+        as lorafy's ``targets``), written as PEFT's ConvNd LoRA: ``lora_A`` a conv with the
+        kernel's window [r, in, *K], ``lora_B`` a 1x1 conv. Any kernel layout (HWIO, OIHW,
+        ...); its in-feature axis is the input axis beside the output axis. PEFT's LoRA of a
+        grouped conv means something else (A over every input channel), so only ungrouped
+        kernels load there (a grouped one fails PEFT's shape check).
 
     A weight with several input or output axes (DenseGeneral's ``[H, Dh, D]`` o_proj) is
     written as the ``nn.Linear`` that flattens each side in the weight's own axis order,
@@ -228,13 +253,13 @@ def to_peft(params, out_dir: PathLike, *, base_model_name_or_path: str | None = 
     PEFT's ``modules_to_save`` (:mod:`lora_jax.interop.peft_saved`).
     Returns the adapter directory path.
     """
-    tensors, config = _adapter(params, base_model_name_or_path, module_map, task_type)
+    tensors, config = _adapter(params, base_model_name_or_path, module_map, task_type, conv)
     return write_adapter(Path(out_dir), tensors, config, overwrite=overwrite)
 
 
 def to_peft_adapters(params, out_dir: PathLike, *, base_model_name_or_path: str | None = None,
                      module_map: Mapping[str, str] | None = None,
-                     task_type: str | None = "CAUSAL_LM",
+                     task_type: str | None = "CAUSAL_LM", conv: Targets = None,
                      overwrite: bool = False) -> dict[str, Path]:
     """Export every adapter of a stacked tree as PEFT's ``save_pretrained`` lays out
     several: ``out_dir/<name>/`` per adapter, except one named ``"default"`` which goes
@@ -247,7 +272,7 @@ def to_peft_adapters(params, out_dir: PathLike, *, base_model_name_or_path: str 
     root = Path(os.fspath(out_dir)).absolute()
     names = list(adapter_names(params))
     files = {n: _adapter(unstack_adapter(params, n), base_model_name_or_path, module_map,
-                         task_type)
+                         task_type, conv)
              for n in names}
 
     def write(d: Path):

@@ -4,6 +4,8 @@ An adapter directory holds ``adapter_model.safetensors`` and ``adapter_config.js
 Keys are ``base_model.model.<HF module>.lora_A.weight`` [r, in] and ``.lora_B.weight``
 [out, r] (embeddings: ``lora_embedding_A`` [r, V], ``lora_embedding_B`` [D, r]); with
 ``use_dora`` also ``.lora_magnitude_vector`` [out] (embeddings: [D]), DoRA's ``m``;
+a ConvNd module's are ``lora_A`` [r, in, *K] (a conv with the kernel's window),
+``lora_B`` [out, r, 1, ...] (a 1x1 conv) and the magnitude [1, out, 1, ...];
 PEFT computes ``W + scaling * B @ A`` with ``scaling = lora_alpha / r`` (``/ sqrt(r)``
 with ``use_rslora``), per module ``rank_pattern`` / ``alpha_pattern`` overriding
 ``r`` / ``lora_alpha``. Ours is ``w0 + scale * a @ b`` with ``a = A.T`` and ``b = B.T``.
@@ -29,7 +31,8 @@ import numpy as np
 from lora_jax.checkpoint import read_json, read_safetensors, replace_dir, write_safetensors
 from lora_jax.lora import lora_scale
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "PREFIX", "PeftConfig", "alpha_for_scale", "factor_keys",
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "PREFIX", "PeftConfig", "alpha_for_scale", "conv_view",
+           "factor_keys",
            "has_tied_embeddings", "is_adapter_dir", "is_embedding", "linear_view", "magnitude_key",
            "parse_key",
            "read_adapter",
@@ -81,6 +84,21 @@ def linear_view(per_shape, in_axes) -> tuple[tuple, tuple, tuple]:
     outs = [j for j in range(len(per_shape)) if j not in in_axes]
     return (tuple(per_shape[j] for j in ins), tuple(per_shape[j] for j in outs),
             tuple(ins + outs))
+
+
+def conv_view(per_shape, in_axes) -> tuple[int, ...]:
+    """The kernel axes in the order of PEFT's ConvNd ``lora_A`` after its rank axis:
+    ``(in-feature, *spatial)`` (torch's ``[out, in, *K]`` weight). The in-feature axis
+    is the input axis beside the output axis: after it (OIHW, haiku's transposed HWOI), else
+    before it (HWIO)."""
+    outs = [j for j in range(len(per_shape)) if j not in in_axes]
+    if len(outs) != 1 or len(in_axes) < 2:
+        raise ValueError(f"a kernel of shape {tuple(per_shape)} with input axes {tuple(in_axes)} "
+                         "is no convolution kernel (one output axis, an input-feature axis and "
+                         "spatial axes)")
+    o = outs[0]
+    i = o + 1 if o + 1 in in_axes else o - 1
+    return (i, *(j for j in sorted(in_axes) if j != i))
 
 
 def parse_key(key: str) -> tuple[str, str] | None:

@@ -31,6 +31,7 @@ from lora_jax.interop.hf_names import LLAMA_MODULE_MAP
 from lora_jax.interop.peft_format import (
     PeftConfig,
     alpha_for_scale,
+    conv_view,
     has_tied_embeddings,
     is_embedding,
     linear_view,
@@ -145,6 +146,31 @@ def _base(path: str, leaf, parts: list[dict], stacked: bool, in_axes):
     return jnp.asarray(bw, base.dtype)
 
 
+def _as_linear(mod: str, parts: dict, per: tuple, in_axes) -> dict:
+    """A ConvNd module's factors (``lora_A`` [r, in, *K], ``lora_B`` [out, r, 1, ...],
+    magnitude [1, out, 1, ...]) as the kernel's flattened Linear ones (:func:`linear_view`)."""
+    A = parts["A"]
+    if A.ndim <= 2:
+        return parts
+    try:
+        order = conv_view(per, in_axes)
+    except ValueError as e:
+        raise ValueError(f"from_peft: {mod}: lora_A has shape {A.shape} (a ConvNd adapter), "
+                         f"but {e}") from None
+    want = tuple(per[j] for j in order)
+    if tuple(A.shape[1:]) != want:
+        raise ValueError(f"from_peft: {mod}: ConvNd lora_A has shape {A.shape}; the kernel "
+                         f"(in, *K) = {want} needs [r, {', '.join(map(str, want))}]. PEFT's "
+                         "LoRA of a grouped conv (A over every input channel) has no exact "
+                         "form on a grouped kernel.")
+    out = dict(parts, B=parts["B"].reshape(parts["B"].shape[0], -1))
+    out["A"] = np.transpose(A, (0, *(1 + order.index(j) for j in sorted(in_axes))))
+    out["A"] = out["A"].reshape(A.shape[0], -1)
+    if "M" in parts:
+        out["M"] = parts["M"].reshape(-1)
+    return out
+
+
 def _factors(mod: str, parts: dict, cfg: PeftConfig, io_shape: tuple) -> _Factors:
     A, B = parts["A"].astype(np.float32), parts["B"].astype(np.float32)
     r, r_cfg = A.shape[0], cfg.rank(mod)
@@ -198,7 +224,8 @@ def _new_leaf(path: str, leaf, mods, found, cfg: PeftConfig, stacked: bool, dtyp
     base = _base(path, leaf, [found[m] for _, m in mods], stacked, in_axes)
     ins, outs, _ = linear_view(per, in_axes)
     io_shape = (math.prod(ins), math.prod(outs))
-    per_layer = {0 if i is None else i: _factors(m, found[m], cfg, io_shape) for i, m in mods}
+    per_layer = {0 if i is None else i: _factors(m, _as_linear(m, found[m], per, in_axes), cfg,
+                                                 io_shape) for i, m in mods}
     n_layers = base.shape[0] if stacked else 1
     if stacked:
         _check_layers(path, per_layer, n_layers, cfg)

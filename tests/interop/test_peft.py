@@ -479,6 +479,64 @@ def test_multi_axis_weights_export_as_flattened_linears(dora, tmp_path):
         from_peft(out, p, module_map=mm)
 
 
+class _ConvNet(torch.nn.Module if _HAVE_ORACLES else object):
+    def __init__(self, p):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 6, (3, 2), padding=(1, 0), bias=False)
+        self.conv2 = torch.nn.Conv2d(6, 5, 1, bias=False)
+        self.conv1.weight.data = torch.tensor(np.asarray(p["c1"]).transpose(3, 2, 0, 1))
+        self.conv2.weight.data = torch.tensor(np.asarray(p["c2"]))
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def _conv_fn(p, x):
+    """A Flax-style HWIO kernel, then an Equinox/PyTorch-style OIHW one, on NCHW input."""
+    conv = jax.lax.conv_general_dilated
+    h = conv(x, p["c1"], (1, 1), [(1, 1), (0, 0)], dimension_numbers=("NCHW", "HWIO", "NCHW"))
+    return conv(jax.nn.relu(h), p["c2"], (1, 1), "VALID",
+                dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+
+@oracle
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_conv_kernels_export_as_peft_conv_lora(dora, tmp_path):
+    """``to_peft(conv=)`` writes conv kernels (HWIO or OIHW) as PEFT's Conv2d LoRA: PEFT's
+    model on the adapter gives our outputs; from_peft reads the same factors back."""
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {"c1": jax.random.normal(k[0], (3, 2, 3, 6)) * 0.5,
+         "c2": jax.random.normal(k[1], (5, 6, 1, 1)) * 0.5}
+    x = jax.random.normal(k[2], (2, 3, 7, 5))
+    lp = randomize_b(lora_jax.lorafy(p, rank=3, alpha=5.0, fn=_conv_fn, args=(x,)),
+                     jax.random.key(5))
+    assert lp["c1"].in_axes == (0, 1, 2) and lp["c2"].in_axes == (1, 2, 3)
+    if dora:
+        lp = {n: lora_jax.variants.DoraWeight(w.w0, w.a, w.b, lora_jax.variants.to_dora(
+            {"w": w})["w"].m * 1.5, alpha=w.alpha, in_axes=w.in_axes) for n, w in lp.items()}
+    ours = np.asarray(lora_jax.lora(_conv_fn, strict=True)(lp, x))
+    assert np.abs(ours - np.asarray(_conv_fn(p, x))).max() > 1e-2
+    mm = {"c1": "conv1", "c2": "conv2"}
+    out = to_peft(lp, tmp_path / "ad", module_map=mm, task_type=None, conv=r"^c\d$")
+    sd = load_file(out / "adapter_model.safetensors")
+    assert sd["base_model.model.conv1.lora_A.weight"].shape == (3, 3, 3, 2)   # [r, in, kh, kw]
+    assert sd["base_model.model.conv1.lora_B.weight"].shape == (6, 3, 1, 1)
+    pm = peft.PeftModel.from_pretrained(_ConvNet(p).eval(), out).eval()
+    with torch.no_grad():
+        theirs = pm(torch.tensor(np.asarray(x))).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-5, rtol=0)
+
+    back = from_peft(out, lp, module_map=mm)
+    for n in p:
+        for field in ("a", "b", "m") if dora else ("a", "b"):
+            np.testing.assert_allclose(getattr(back[n], field), getattr(lp[n], field), atol=1e-6)
+    fc = lora_jax.lorafy({"fc": jnp.ones((5, 7))}, rank=2, targets="fc")
+    with pytest.raises(ValueError, match=r"to_peft: leaf 'fc' is named by conv=, but a kernel "
+                                         r"of shape \(5, 7\) .* is no convolution kernel"):
+        to_peft(fc, tmp_path / "bad", module_map={"fc": "fc"}, conv="fc")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_module_map_keys_may_keep_a_variables_dicts_params_prefix(tmp_path):
     """A variables dict (params + batch_stats): keys as lorafy/infer_layout print them
     (``params/fc/kernel``) and stripped ones export the same adapter."""
