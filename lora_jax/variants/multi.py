@@ -132,7 +132,8 @@ class MultiLoraWeight(AdapterNode):
         raise TypeError(
             "MultiLoraWeight holds one weight per batch row and has no single dense form. "
             "Under lora(fn) it supports dot_general as x @ W with the batch-row axis first "
-            "(every Dense/einsum projection), embedding lookups and ungrouped convolutions; "
+            "(every Dense/einsum projection), embedding lookups and convolutions (grouped too) "
+            "with an HWIO kernel; "
             "for anything else pick one adapter with unstack_adapter(params, name).")
 
     def astype(self, dtype) -> "MultiLoraWeight":

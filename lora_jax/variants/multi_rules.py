@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import math
-import string
 
 import jax
 import jax.numpy as jnp
@@ -165,27 +164,30 @@ def _multi_conv_rule(eqn, invals, ctx):
     dn = p["dimension_numbers"]
     nd = len(w.shape)
     if (not isinstance(w, MultiLoraWeight) or is_implicit(x) or w.in_ndim != nd - 1
-            or dn.rhs_spec[0] != nd - 1 or p["feature_group_count"] != 1
-            or p["batch_group_count"] != 1):
+            or dn.rhs_spec[0] != nd - 1 or p["batch_group_count"] != 1):
         return NotImplemented
     lb, ob, of = dn.lhs_spec[0], dn.out_spec[0], dn.out_spec[1]
     _check(w, x.shape[lb], "convolution")
     base = compat.bind(eqn, x, dense(w.w0))
     idx, row_scale, valid = _rows(w, x.dtype)
-    # A [*window, in, r] has W's layout with r for the output features: one conv per row.
+    # A [*window, in, r] has W's layout with r for the output features: one conv per row,
+    # run once per feature group (as the single-adapter rule does).
+    groups, r = p["feature_group_count"], w.a.shape[-1]
 
     def one(xi, ai):
         y = lax.conv_general_dilated(
-            jnp.expand_dims(xi, lb), ai, p["window_strides"], p["padding"], p["lhs_dilation"],
-            p["rhs_dilation"], dn, precision=p.get("precision"))
+            jnp.expand_dims(xi, lb), jnp.tile(ai, (1,) * (ai.ndim - 1) + (groups,)),
+            p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"], dn,
+            feature_group_count=groups, precision=p.get("precision"))
         return jnp.squeeze(y, ob)
     t = jax.vmap(one, (lb, 0), ob)(_drop(ctx, x), jnp.take(w.a, idx, axis=0).astype(x.dtype))
     t = t * row_scale.reshape([-1 if i == ob else 1 for i in range(t.ndim)])
-    # B per pixel (the single-adapter rule's 1x1 conv), with each row's B.
-    labels = list(string.ascii_letters[:t.ndim])
-    labels[ob], labels[of] = "Z", "R"
-    out = "".join(labels).replace("R", "O")
-    d = jnp.einsum(f"{''.join(labels)},ZRO->{out}", t,
-                   jnp.take(w.b, idx, axis=0).astype(x.dtype),
+    # B per pixel (the single-adapter rule's 1x1 conv) with each row's B: group g's r
+    # features to g's outputs.
+    t = jnp.moveaxis(t, (ob, of), (0, -1))                              # [B, ..., G*r]
+    t = t.reshape(*t.shape[:-1], groups, r)
+    b = jnp.take(w.b, idx, axis=0).astype(x.dtype)                      # [B, r, O]
+    d = jnp.einsum("b...gr,brgo->b...go", t, b.reshape(*b.shape[:2], groups, -1),
                    preferred_element_type=p.get("preferred_element_type"))
+    d = jnp.moveaxis(d.reshape(*d.shape[:-2], -1), (0, -1), (ob, of))
     return _finish(base, d, _row_factor(w, idx, valid), ob, (of,))

@@ -85,27 +85,30 @@ def _conv_nchw(p, x):
                                         dimension_numbers=("NCHW", "HWIO", "NCHW"))
 
 
+def _grouped(p, x):
+    return jax.lax.conv_general_dilated(x, p["kernel"], (1, 2), "SAME", feature_group_count=3,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _depthwise_nchw(p, x):
+    return jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), [(1, 1), (0, 1)],
+                                        feature_group_count=5,
+                                        dimension_numbers=("NCHW", "HWIO", "NCHW"))
+
+
 # PEFT tests/test_custom_models.py::TestMixedAdapterBatches::test_mixed_adapter_batches_lora_conv2d
-@pytest.mark.parametrize("f, shape", [(_conv, (5, 7, 6, 5)), (_conv_nchw, (5, 5, 7, 6))],
-                         ids=["nhwc-strided-dilated", "nchw-padded"])
-def test_convolution_with_one_adapter_per_row(f, shape):
-    base = {"kernel": jax.random.normal(jax.random.key(0), (3, 2, 5, 7))}
+@pytest.mark.parametrize("f, kernel, shape", [
+    (_conv, (3, 2, 5, 7), (5, 7, 6, 5)), (_conv_nchw, (3, 2, 5, 7), (5, 5, 7, 6)),
+    (_grouped, (3, 3, 3, 6), (5, 7, 5, 9)), (_depthwise_nchw, (3, 2, 1, 10), (5, 5, 7, 6))],
+    ids=["nhwc-strided-dilated", "nchw-padded", "grouped", "depthwise-nchw"])
+def test_convolution_with_one_adapter_per_row(f, kernel, shape):
+    base = {"kernel": jax.random.normal(jax.random.key(0), kernel)}
     x = jax.random.normal(jax.random.key(1), shape)
     ad = _adapters(base, "kernel", fn=f, args=(x,))
     assert ad["lora"]["kernel"].in_axes == (0, 1, 2)
     mp = stack_adapters(ad, pad_ranks=True)
     got = jax.jit(lj.lora(f, strict=True))(with_adapter_ids(mp, ROWS), x)   # never formed
     _each_row_alone(f, base, ad, x, got)
-    # a grouped (depthwise) convolution has no per-row rule: the weight cannot be formed
-    def grouped(p, x):
-        return jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME", feature_group_count=3,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    xg, kg = jnp.ones((2, 4, 4, 9)), {"kernel": jnp.ones((3, 3, 3, 6))}
-    mg = stack_adapters({n: lj.lorafy(kg, rank=2, targets="kernel", fn=grouped, args=(xg,))
-                         for n in "pq"})
-    with pytest.raises(TypeError, match="no single dense form"):
-        with pytest.warns(lj.MaterializationWarning):
-            lj.lora(grouped)(with_adapter_ids(mg, [0, 1]), xg)
 
 
 # PEFT tests/test_custom_models.py::TestMixedAdapterBatches::test_mixed_adapter_batches_lora_mlp
