@@ -96,6 +96,20 @@ CUSTOM_NAMES = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call
                           "custom_lin"})
 
 
+def manual_type(*xs) -> dict:
+    """ShapeDtypeStruct keywords giving a value made of ``xs`` their shard_map
+    type: the mesh and every manual axis any of them varies over ({} outside a body, or where
+    types carry no such thing)."""
+    avals = [jax.typeof(x) for x in xs]
+    mats = [getattr(a, "manual_axis_type", None) for a in avals]
+    if not mats or any(m is None for m in mats) or all(m.empty for m in mats):
+        return {}
+    mesh = avals[0].sharding.mesh
+    return {"sharding": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+            "manual_axis_type": mats[0].update(
+                varying=frozenset().union(*(m.varying for m in mats)))}
+
+
 def varying_axes(x) -> frozenset:
     """The manual axes ``x`` varies over inside a ``shard_map`` body (its type's vma)."""
     aval = jax.typeof(x)

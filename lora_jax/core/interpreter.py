@@ -198,10 +198,14 @@ def _is_dynamic(x) -> bool:
 
 
 def _abstract(x):
+    # Inside a shard_map body the type also says which mesh axes x varies over (a node: any
+    # of its leaves); dropping it would trace fn as if every input were replicated, without
+    # the pvary eqns that make a replicated x meet a weight split across the shards.
+    extra = compat.manual_type(*(jax.tree.leaves(x) if is_implicit(x) else [x]))
     if is_implicit(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, **extra)
     aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
-    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type, **extra)
 
 
 def _unwrap_transparent(tree):

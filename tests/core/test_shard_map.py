@@ -148,23 +148,31 @@ def test_grad_matches_merged(name, key):
             close(g, w, 1e-4)
 
 
+@pytest.mark.parametrize("split", ["input", "output"])
 @pytest.mark.parametrize("check_vma", [True, False])
-def test_grad_of_lora_called_inside_the_body(check_vma, key):
+def test_grad_of_lora_called_inside_the_body(check_vma, split, key):
     """``lora(f)`` called inside a body, under ``grad``, uses the second factor's custom_vjp
     (there is no shard_map eqn of its own to switch it off). With the weight split along its
     input axis B is replicated while t = x @ A varies over the shards: the backward must sum
-    B's cotangent over them, as JAX's own pvary -> psum transpose does."""
+    B's cotangent over them, as JAX's own pvary -> psum transpose does. Split along its
+    output axis, a replicated x meets a varying weight: lora traces f with the body's types,
+    so f's own pvary of x is there."""
     mesh = _mesh((3,), ("m",))
     x = _normal(2, (2, 9), 1.0)
-    lp = randomize(lj.lorafy({"w": _normal(4, (9, 7))}, rank=3, key=key), jax.random.key(1))
+    lp = randomize(lj.lorafy({"w": _normal(4, (9, 6))}, rank=3, key=key), jax.random.key(1))
     trainable, frozen = lj.split(lp)
     inner = lj.lora(lambda w, x: x @ w, strict=True)
+    w_spec, x_spec, out_spec = ((P("m", None), P(None, "m"), P()) if split == "input"
+                                else (P(None, "m"), P(), P(None, "m")))
 
     def fn(w, x):                      # the node enters as its leaves
         leaves, treedef = jax.tree.flatten(w)
-        body = lambda ls, x: jax.lax.psum(inner(jax.tree.unflatten(treedef, ls), x), "m")
-        return shard_map(body, mesh=mesh, in_specs=(leaf_specs(w, P("m", None)), P(None, "m")),
-                         out_specs=P(), check_vma=check_vma)(leaves, x)
+
+        def body(ls, x):
+            y = inner(jax.tree.unflatten(treedef, ls), x)
+            return jax.lax.psum(y, "m") if split == "input" else y
+        return shard_map(body, mesh=mesh, in_specs=(leaf_specs(w, w_spec), x_spec),
+                         out_specs=out_spec, check_vma=check_vma)(leaves, x)
 
     def loss(tr):
         return jnp.sum(jnp.sin(fn(lj.combine(tr, frozen)["w"], x)))
