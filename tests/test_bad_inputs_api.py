@@ -219,6 +219,12 @@ NODES = [
 ]
 
 MULTI = [
+    ("to-peft-no-module-name", lambda: lj.interop.to_peft(_lp(), "unused-dir"), ValueError,
+     r"to_peft: no HF module name for LoRA leaves \['d/kernel'\]; pass module_map=.*"
+     r"e\.g\. \{'d/kernel': '<module>'\}"),
+    ("to-peft-task-type", lambda: lj.interop.to_peft(_lp(), "unused-dir", task_type=3,
+                                                     module_map={"d/kernel": "d"}), TypeError,
+     r"to_peft: task_type must be a string"),
     ("stack-list", lambda: lj.stack_adapters([_lp()]), TypeError,
      r"stack_adapters: adapters must be a mapping"),
     ("stack-pad-str", lambda: lj.stack_adapters({"a": _lp()}, pad_ranks="yes"), TypeError,

@@ -73,10 +73,15 @@ def _lora_leaves(params, module_map: Mapping[str, str]) -> list[tuple[str, LoraW
     leaves = [(strip_params(path_str(p)), x) for p, x in flat if _is_node(x)]
     if not leaves:
         raise ValueError("to_peft: params contain no LoraWeight (lorafy them first)")
-    unknown = [p for p, _ in leaves if p not in module_map]
+    unknown = [p for p, x in leaves if p not in module_map]
     if unknown:
-        raise ValueError(f"to_peft: no HF module name for LoRA leaves {unknown}; pass "
-                         f"module_map= (known paths: {sorted(module_map)})")
+        stacked = next((p for p, x in leaves if p in unknown and x.stack_ndim), None)
+        example = (f"{{{stacked!r}: 'model.layers.{{i}}.<module>'}} ({{i}}: the index along "
+                   "its stacked layer axis)" if stacked else f"{{{unknown[0]!r}: '<module>'}}")
+        raise ValueError(f"to_peft: no HF module name for LoRA leaves {unknown[:6]}; pass "
+                         f"module_map={{our path: the torch model's module name}}, e.g. "
+                         f"{example}. The paths it knows now: {sorted(module_map)[:6]}"
+                         f"{f' and {len(module_map) - 6} more' if len(module_map) > 6 else ''}.")
     if has_tied_embeddings(params) and any(is_embedding(p) for p, _ in leaves):
         raise ValueError(
             "to_peft: LoRA on embed_tokens of a model with tied embeddings also changes the "
