@@ -39,7 +39,7 @@ from lora_jax.core import (
     static,
 )
 from lora_jax.lora.layout import LayoutSpec, check_layout_spec, normalize, resolve_layout
-from lora_jax.lora.rules import gathered_axes, whole_slices
+from lora_jax.lora.rules import gathered_axes, scalar_operand, whole_slices
 
 
 def _flat(entries) -> list:
@@ -235,8 +235,21 @@ def _probe_same_axes(eqn, invals, ctx):
     return dataclasses.replace(w, value=out)
 
 
-for _name in ("slice", "dynamic_slice", "split"):
+for _name in ("slice", "dynamic_slice", "split", "name"):
     register(_name, _Probe, _probe_same_axes)
+
+
+def _probe_scaled(eqn, invals, ctx):
+    """``w * c``, ``c * w``, ``w / c`` with a scalar c keep every axis (muP scales)."""
+    w = next((x for x in invals if isinstance(x, _Probe)), None)
+    if w is None or scalar_operand(eqn, invals, w) is None:
+        return _bind_dense(eqn, invals)
+    return dataclasses.replace(w, value=compat.bind(eqn, *[w.value if x is w else x
+                                                           for x in invals]))
+
+
+for _name in ("mul", "div"):
+    register(_name, _Probe, _probe_scaled)
 
 
 def _unused_layout_keys(params, layout, what: str) -> None:

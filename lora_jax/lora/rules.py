@@ -10,8 +10,9 @@
 * ``gather`` of whole matrices along stacked axes (``experts[ids]``): the same gather of
   every leaf.
 * ``transpose`` / ``reshape`` / ``slice`` / ``dynamic_slice`` / ``split`` (any axis: rows of
-  A, columns of B) / stacked-axis ``squeeze`` / new leading axes (``broadcast_in_dim``):
-  a new LoraWeight.
+  A, columns of B) / stacked-axis ``squeeze`` / new leading axes (``broadcast_in_dim``) /
+  a scalar ``mul`` or ``div`` (muP-style ``W * scale``: w0 and B scaled) / ``name``
+  (``checkpoint_name``: every leaf named): a new LoraWeight.
 With ``lora(fn, dropout=p)`` the dot and conv rules drop out the adapter's input
 (``ctx.drop``), never the base path's.
 W0 is frozen by construction: :func:`lora_jax.lora` puts it under ``stop_gradient`` on the
@@ -20,6 +21,7 @@ way in (not here: see ``transform._freeze``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import string
@@ -342,3 +344,40 @@ def _broadcast_rule(eqn, invals, ctx):
     if len(invals) != 1 or dims != tuple(range(k, len(shape))) or shape[k:] != w.shape:
         return ctx.decline("is broadcast along axes other than new leading ones.")
     return jax.tree.map(lambda leaf: lax.broadcast(leaf, shape[:k]), w)
+
+
+def scalar_operand(eqn, invals, w):
+    """The scalar that ``w * c``, ``c * w`` or ``w / c`` scales node ``w`` by, else None."""
+    if eqn.primitive.name == "div" and invals[0] is not w:
+        return None
+    other = [x for x in invals if x is not w]
+    if len(other) != 1 or is_implicit(other[0]) or np.ndim(other[0]) != 0:
+        return None
+    return other[0]
+
+
+def _scalar_rule(eqn, invals, ctx):
+    """``W * c`` is a LoRA weight over ``c*w0`` with ``c*B`` (a quantized w0 stays quantized,
+    its scales scaled): muP-style reparametrization (haliax's Linear) keeps the factors."""
+    w = next(x for x in invals if isinstance(x, LoraWeight))
+    c = scalar_operand(eqn, invals, w)
+    if c is None:
+        return ctx.decline(f"meets '{eqn.primitive.name}' with an array that is not a scalar.")
+    inv = eqn.primitive.name == "div"
+    if is_implicit(w.w0):
+        w0 = w.w0.scaled(1.0 / jnp.asarray(c, jnp.float32) if inv else c)
+    else:
+        w0 = compat.bind(eqn, *[w.w0 if x is w else x for x in invals])
+    cb = jnp.asarray(c, w.b.dtype)
+    return dataclasses.replace(w, w0=w0, b=w.b / cb if inv else w.b * cb)
+
+
+@register("name", LoraWeight)
+def name_rule(eqn, invals, ctx):
+    """``checkpoint_name(w, n)`` (a remat policy's handle on a tensor) names every leaf."""
+    (w,) = invals
+    return jax.tree.map(lambda leaf: compat.bind(eqn, leaf), w)
+
+
+for _prim in ("mul", "div"):
+    register(_prim, LoraWeight, _scalar_rule)

@@ -138,6 +138,15 @@ class QuantizedWeight(ImplicitArray):
     def astype(self, dtype) -> "QuantizedWeight":
         return dataclasses.replace(self, dtype=np.dtype(jnp.dtype(dtype)))
 
+    def scaled(self, c) -> "QuantizedWeight":
+        """``c * self`` for a scalar ``c``, still quantized: every dequantized value is linear
+        in the float scales (with double quant, in the nested scales and the offset)."""
+        c = jnp.asarray(c, jnp.float32)
+        if self.kind == "int4" or self.nested_scales is None:
+            return dataclasses.replace(self, scales=self.scales * c)
+        return dataclasses.replace(self, nested_scales=self.nested_scales * c,
+                                   offset=self.offset * c)
+
     def __getitem__(self, idx) -> "QuantizedWeight":
         """Index the stacked axes only (``q[3]`` is layer 3), like ``lax.scan`` does."""
         if self.stack_ndim == 0:

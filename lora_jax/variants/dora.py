@@ -46,6 +46,8 @@ from lora_jax.lora import (
     looks_like_factors,
     lora_scale,
     lorafy,
+    name_rule,
+    scalar_operand,
     transpose_rule,
 )
 
@@ -237,6 +239,21 @@ def _dora_transpose_rule(eqn, invals, ctx):
     order = sorted(range(len(w.out_axes)), key=lambda k: new_pos[w.out_axes[k]])
     m = lax.transpose(w.m, (*range(s), *(s + k for k in order)))
     return DoraWeight(lw.w0, lw.a, lw.b, m, alpha=w.alpha, rslora=w.rslora, in_axes=lw.in_axes)
+
+
+def _dora_scalar_rule(eqn, invals, ctx):
+    """``W' * c`` scales the magnitude: ``c * m * V / ||V||``."""
+    w = next(x for x in invals if isinstance(x, DoraWeight))
+    c = scalar_operand(eqn, invals, w)
+    if c is None:
+        return ctx.decline(f"meets '{eqn.primitive.name}' with an array that is not a scalar.")
+    cm = jnp.asarray(c, w.m.dtype)
+    return dataclasses.replace(w, m=w.m / cm if eqn.primitive.name == "div" else w.m * cm)
+
+
+for _prim in ("mul", "div"):
+    register(_prim, DoraWeight, _dora_scalar_rule)
+register("name", DoraWeight, name_rule)
 
 
 @register("gather", DoraWeight)

@@ -14,6 +14,7 @@ linen and NNX, dm-haiku, Equinox, Gemma-style einsum kernels). For each one, wit
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
@@ -25,6 +26,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import lora_jax as lj
 from helpers import close, randomize_b, randomize_zero_factors, tx_update
@@ -331,6 +333,24 @@ def _moe():
     return fn, p
 
 
+def _mup_named():
+    """muP-style scaled weights (``W * c``, ``c * W``, ``W / c``: haliax's Linear reparam) and
+    a weight named for a remat policy (``checkpoint_name``, as haliax's Stacked does)."""
+    ks = jax.random.split(jax.random.key(4), 3)
+    p = {"up": {"kernel": jax.random.normal(ks[0], (D, 11))},
+         "mid": {"kernel": jax.random.normal(ks[1], (11, 11))},
+         "down": {"kernel": jax.random.normal(ks[2], (11, 7))}}
+    policy = jax.checkpoint_policies.save_only_these_names("mid_w")
+
+    @functools.partial(jax.checkpoint, policy=policy)
+    def fn(p, x):
+        h = jnp.tanh(x @ (p["up"]["kernel"] * (1.0 / math.sqrt(D))))
+        mid = checkpoint_name(p["mid"]["kernel"], "mid_w")
+        h = jnp.tanh(h @ (0.3 * mid))
+        return h @ (p["down"]["kernel"] / 11.0)
+    return fn, p
+
+
 def _x(shape, seed=2):
     return jax.random.normal(jax.random.key(seed), shape)
 
@@ -368,6 +388,7 @@ CASES = {
     "jax_fori_loop_layer_index": lambda: (*_fori_layers(), _x((B, D)), None),
     "jax_fused_qkv_slices_reshape": lambda: (*_fused_qkv(), _x((B, T, D)), None),
     "jax_top1_moe_gather": lambda: (*_moe(), _x((7, D)), None),
+    "jax_mup_scaled_named_weights": lambda: (*_mup_named(), _x((B, D)), None),
 }
 
 # What fn shows of each weight there: indexing, splitting, slicing, reshaping or gathering
@@ -380,6 +401,8 @@ LAYOUTS = {
     "jax_fused_qkv_slices_reshape": {"qkv/kernel": (0, (0,)), "out/kernel": (0, (0,)),
                                      "heads/kernel": (0, (0,))},
     "jax_top1_moe_gather": {"router/kernel": (0, (0,)), "experts/w": (1, (0,))},
+    "jax_mup_scaled_named_weights": {"up/kernel": (0, (0,)), "mid/kernel": (0, (0,)),
+                                     "down/kernel": (0, (0,))},
 }
 
 
@@ -448,7 +471,8 @@ def test_default_path(case):
                                   "equinox_mlp_out_in", "haiku_layer_stack", "nnx_mlp",
                                   "haiku_gru_split_gates", "jax_top1_moe_gather",
                                   "jax_fori_loop_layer_index", "jax_fused_qkv_slices_reshape",
-                                  "linen_depthwise_grouped_conv"])
+                                  "linen_depthwise_grouped_conv",
+                                  "jax_mup_scaled_named_weights"])
 def test_nf4_base(case):
     fn, params, x, targets = CASES[case]()
     qp = lj.quantize(params, "nf4", fn=fn, args=(x,))

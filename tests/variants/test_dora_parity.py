@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import checkpoint_name
 from safetensors.numpy import load_file, save_file
 
 import lora_jax as lj
@@ -111,9 +112,10 @@ def test_dora_conv_matches_peft_conv2d_without_forming_the_kernel():
         "ihwr,ro->oihw", a, b)).reshape(7, -1), axis=1), 1e-5)
 
 
-def test_dora_through_a_transpose_stays_factored():
+def test_dora_through_a_transpose_scale_and_name_stays_factored():
     """``x @ W.T`` of an (out, in) weight and a multi-axis kernel moved to heads-last: the
-    transposed node is DoRA over the permuted weight (m follows its output axes)."""
+    transposed node is DoRA over the permuted weight (m follows its output axes). A scalar
+    scale goes to m; ``checkpoint_name`` names every leaf."""
     k = jax.random.split(jax.random.key(0), 3)
     params = {"fc": jax.random.normal(k[0], (7, 5)), "o": jax.random.normal(k[1], (3, 2, 5))}
     lay = {"fc": (0, (1,)), "o": (0, (0, 1))}
@@ -121,8 +123,8 @@ def test_dora_through_a_transpose_stays_factored():
                       jax.random.key(1))
 
     def f(p, x):                                   # x [B, 5]
-        h = jnp.tanh(x @ p["fc"].T)                # [B, 7]
-        o = jnp.transpose(p["o"], (2, 1, 0))       # [5, 2, 3]: in axes (2, 1) after the move
+        h = jnp.tanh(x @ (checkpoint_name(p["fc"], "fc").T * 0.5))     # [B, 7]
+        o = jnp.transpose(p["o"], (2, 1, 0)) / 3.0  # [5, 2, 3]: in axes (2, 1) after the move
         return jnp.einsum("bkh,dkh->bd", h[:, 1:].reshape(-1, 2, 3), o)
     x = jax.random.normal(k[2], (4, 5))
 
