@@ -184,7 +184,12 @@ def _probe_reshape(eqn, invals, ctx):
     if len(invals) != 1 or eqn.params.get("dimensions"):
         return _bind_dense(eqn, invals)
     cur, dropped = _reshape_axes(w.value.shape, w.current(), tuple(eqn.params["new_sizes"]))
-    return w.moved(compat.bind(eqn, w.value), cur, dropped)
+    # A vanishing size-1 axis in front of every kept one is a stacked axis taken away (a
+    # scanned [1, D, F] used as [D, F]); one among the others (Keras' depthwise [K, K, C, 1]
+    # seen as [K, K, 1, C]) is simply gone, on the output side.
+    kept = {a for e in cur for a in _flat([e])}
+    indexed = tuple(e for e in dropped if all(a < b for a in _flat([e]) for b in kept))
+    return w.moved(compat.bind(eqn, w.value), cur, indexed)
 
 
 def _reshape_axes(old, entries, new):

@@ -112,6 +112,22 @@ def dot_rule(eqn, invals, ctx):
     return base + delta.astype(base.dtype)
 
 
+def unit_axes_moved(w, in_axes):
+    """``w`` with the layout ``in_axes``, when the two differ only in size-1 axes (a reshape
+    cannot tell on which side it inserts one): exact, as a size-1 axis fits in A or in B.
+    None when a larger axis differs."""
+    s, shape = w.stack_ndim, w.shape[w.stack_ndim:]
+    have, want = set(w.in_axes), set(in_axes)
+    if have == want or any(shape[j] != 1 for j in have ^ want):
+        return None
+    ins = tuple(j for j in w.in_axes if j in want) + tuple(sorted(want - have))
+    outs = [j for j in range(len(shape)) if j not in want]
+    # only size-1 axes come and go, and the others keep their order: reshapes are exact
+    a = w.a.reshape(*w.a.shape[:s], *(shape[j] for j in ins), w.rank)
+    b = w.b.reshape(*w.b.shape[:s + 1], *(shape[j] for j in outs))
+    return dataclasses.replace(w, a=a, b=b, in_axes=ins)
+
+
 @register("conv_general_dilated", LoraWeight)
 def _conv_rule(eqn, invals, ctx):
     x, w = invals
@@ -120,6 +136,8 @@ def _conv_rule(eqn, invals, ctx):
     p = eqn.params
     dn = p["dimension_numbers"]
     nd, out_ax = len(w.shape), dn.rhs_spec[0]
+    if not w.stack_ndim:
+        w = unit_axes_moved(w, [j for j in range(nd) if j != out_ax]) or w
     if w.stack_ndim or set(w.in_axes) != set(range(nd)) - {out_ax}:
         return ctx.decline(
             f"meets a convolution whose output-feature axis is {out_ax}, but its layout has "
@@ -151,7 +169,7 @@ def _conv_rule(eqn, invals, ctx):
         lax.ConvDimensionNumbers(dn.out_spec, dn.rhs_spec, dn.out_spec),
         feature_group_count=groups, preferred_element_type=p.get("preferred_element_type"),
         **common)
-    base = _base(eqn, invals, w)
+    base = _base(eqn, (x, w), w)
     return base + d.astype(base.dtype)
 
 
@@ -245,6 +263,10 @@ def _reshape_rule(eqn, invals, ctx):
         return NotImplemented
     new = tuple(eqn.params["new_sizes"])
     s, shape = w.stack_ndim, w.shape
+    if s and new[:s] != shape[:s] and math.prod(shape[:s]) == 1:
+        # a stack of one layer reshaped away ([1, D, F] used as [D, F]): drop it everywhere
+        w = jax.tree.map(lambda leaf: leaf.reshape(leaf.shape[s:]), w)
+        s, shape = 0, w.shape
     ins, outs = list(w.in_axes), list(w.out_axes)
     n = len(shape) - s
     in_first = ins == list(range(len(ins)))

@@ -351,6 +351,22 @@ def _mup_named():
     return fn, p
 
 
+def _keras_depthwise():
+    """Keras' DepthwiseConv2D on JAX: the kernel [kh, kw, C, M] is reshaped to
+    [kh, kw, 1, C*M] and run as a conv with C groups; depth multiplier 2, then 1."""
+    ks = jax.random.split(jax.random.key(4), 2)
+    p = {"dw2": {"kernel": jax.random.normal(ks[0], (3, 3, 5, 2))},
+         "dw1": {"kernel": jax.random.normal(ks[1], (3, 2, 10, 1))}}
+
+    def depthwise(x, k):
+        kh, kw, c, m = k.shape
+        return jax.lax.conv_general_dilated(x, k.reshape(kh, kw, 1, c * m), (1, 1), "SAME",
+                                            feature_group_count=c,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (lambda p, x: depthwise(jax.nn.gelu(depthwise(x, p["dw2"]["kernel"])),
+                                   p["dw1"]["kernel"])), p
+
+
 def _x(shape, seed=2):
     return jax.random.normal(jax.random.key(seed), shape)
 
@@ -389,6 +405,7 @@ CASES = {
     "jax_fused_qkv_slices_reshape": lambda: (*_fused_qkv(), _x((B, T, D)), None),
     "jax_top1_moe_gather": lambda: (*_moe(), _x((7, D)), None),
     "jax_mup_scaled_named_weights": lambda: (*_mup_named(), _x((B, D)), None),
+    "jax_keras_depthwise_reshaped": lambda: (*_keras_depthwise(), _x((B, 7, 5, 5)), None),
 }
 
 # What fn shows of each weight there: indexing, splitting, slicing, reshaping or gathering
@@ -403,6 +420,7 @@ LAYOUTS = {
     "jax_top1_moe_gather": {"router/kernel": (0, (0,)), "experts/w": (1, (0,))},
     "jax_mup_scaled_named_weights": {"up/kernel": (0, (0,)), "mid/kernel": (0, (0,)),
                                      "down/kernel": (0, (0,))},
+    "jax_keras_depthwise_reshaped": {"dw2/kernel": (0, (0, 1)), "dw1/kernel": (0, (0, 1))},
 }
 
 
@@ -520,6 +538,22 @@ def test_default_targets_of_every_framework():
 def test_layout_read_through_indexing_splitting_slicing_reshaping(case):
     fn, params, x, _ = CASES[case]()
     assert lj.infer_layout(fn, params, x) == LAYOUTS[case]
+
+
+@pytest.mark.parametrize("shape, layout", [((1, 5, 7), (1, (0,))), ((5, 1, 7), (0, (0,))),
+                                           ((5, 7, 1), (0, (0,))), ((1, 1, 5, 7), (2, (0,)))])
+def test_size_one_axes_reshaped_away(shape, layout):
+    """A size-1 axis a reshape removes: a one-layer stack in front, an output axis
+    elsewhere. The node reshapes with it (an NF4 base too), never formed."""
+    params = {"w": _x(shape, seed=4)}
+    x = _x((B, 5))
+
+    def fn(p, x):
+        return x @ p["w"].reshape(5, 7)
+    assert lj.infer_layout(fn, params, x) == {"w": layout}
+    for base in (params, lj.quantize(params, "nf4", fn=fn, args=(x,))):
+        lp = randomize_b(lj.lorafy(base, rank=2, fn=fn, args=(x,)), jax.random.key(3))
+        close(lj.lora(fn, strict=True)(lp, x), fn(lj.merge(lp), x), 1e-5)
 
 
 def test_scanned_weight_guessed_without_stacked_axis_is_named():
