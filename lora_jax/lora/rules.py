@@ -9,10 +9,10 @@
 * ``gather`` of rows (embedding lookup): rows of A (or Bᵀ), then the other factor.
 * ``gather`` of whole matrices along stacked axes (``experts[ids]``): the same gather of
   every leaf.
-* ``transpose`` / ``reshape`` / ``slice`` / ``dynamic_slice`` / ``split`` (any axis: rows of
-  A, columns of B) / stacked-axis ``squeeze`` / new leading axes (``broadcast_in_dim``) /
-  a scalar ``mul`` or ``div`` (muP-style ``W * scale``: w0 and B scaled) / ``name``
-  (``checkpoint_name``: every leaf named): a new LoraWeight.
+* ``transpose`` / ``reshape`` / ``slice`` / ``dynamic_slice`` / ``split`` / ``rev`` (any
+  axis: rows of A, columns of B) / stacked-axis ``squeeze`` / new leading axes
+  (``broadcast_in_dim``) / a scalar ``mul`` or ``div`` (muP-style ``W * scale``: w0 and B
+  scaled) / ``name`` (``checkpoint_name``: every leaf named): a new LoraWeight.
 With ``lora(fn, dropout=p)`` the dot and conv rules drop out the adapter's input
 (``ctx.drop``), never the base path's.
 W0 is frozen by construction: :func:`lora_jax.lora` puts it under ``stop_gradient`` on the
@@ -338,6 +338,15 @@ def _dynamic_slice_rule(eqn, invals, ctx):
 
 def _dynamic_slice_axis(start, size, leaf, axis):
     return lax.dynamic_slice_in_dim(leaf, start, size, axis)
+
+
+@register("rev", LoraWeight)
+def _rev_rule(eqn, invals, ctx):
+    """A flipped axis (``conv_transpose(transpose_kernel=True)``'s spatial flip) is flipped
+    in A (input axis), B (output axis) or every leaf (stacked)."""
+    (w,) = invals
+    return _cut(w, {ax: lambda leaf, axis: lax.rev(leaf, (axis,))
+                    for ax in eqn.params["dimensions"]})
 
 
 @register("split", LoraWeight)

@@ -382,6 +382,9 @@ CASES = {
     "linen_conv": lambda: (*_linen(nn.Conv(7, (3, 3)), _x((B, 7, 7, 3))), _x((B, 7, 7, 3)), None),
     "linen_depthwise_grouped_conv": lambda: (*_linen(DepthwiseSeparable(), _x((B, 7, 7, 6))),
                                              _x((B, 7, 7, 6)), None),
+    "linen_conv_transpose_flipped": lambda: (
+        *_linen(nn.ConvTranspose(7, (3, 2), strides=(2, 1), transpose_kernel=True),
+                _x((B, 5, 5, 3))), _x((B, 5, 5, 3)), None),
     "linen_embed_attend": lambda: (*_linen(TiedLM(), jnp.ones((B, T), jnp.int32)),
                                    jnp.array([[1, 5, 10], [3, 0, 7]]), r"embedding|kernel"),
     "gemma_einsums": lambda: (*_linen(GemmaBlock(), _x((B, T, D))), _x((B, T, D)), None),
