@@ -34,7 +34,9 @@ Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
 
 # and the recurrent cells' gate matrices: Equinox GRUCell/LSTMCell ``weight_ih``/``weight_hh``
 # (out, in), haiku GRU ``w_i``/``w_h`` (in, out)
-DEFAULT_LEAF_NAMES = ("kernel", "weight", "w", "weight_ih", "weight_hh", "w_i", "w_h")
+# ``recurrent_kernel`` (Keras' LSTM/GRU/SimpleRNN, (in, out))
+DEFAULT_LEAF_NAMES = ("kernel", "weight", "w", "weight_ih", "weight_hh", "w_i", "w_h",
+                      "recurrent_kernel")
 _WRAPPER_NAMES = ("value", "raw_value")      # NNX Variable/State wrappers
 
 
@@ -111,6 +113,12 @@ def select_leaves(params, targets: Targets, *, what: str,
     if targets is None:
         pred = default or is_default_target
         chosen = [e for e in entries if pred(e[0], e[2])]
+        if not chosen and default is not None:
+            raise ValueError(
+                f"{what}: fn contracts no leaf with its input as a weight, so there is no "
+                f"default target; the tree holds {_examples(entries)}. A weight that reaches "
+                "its matmul through an operation whose layout cannot be read is not found: "
+                f"{fix[:-1]}, and layout= for it.")
         if not chosen:
             raise _no_default(what, entries, fix)
         return chosen

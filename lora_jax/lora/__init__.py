@@ -12,7 +12,7 @@ from lora_jax.lora.layout import normalize as normalize_layout
 from lora_jax.lora.layout import resolve_layout
 from lora_jax.lora.lorafy import lorafy
 from lora_jax.lora.lorafy import merge
-from lora_jax.lora.rules import dot_rule, name_rule, scalar_operand, transpose_rule
+from lora_jax.lora.rules import dot_rule, scalar_operand, transpose_rule
 from lora_jax.lora.rules import is_row_lookup
 from lora_jax.lora.train import combine
 from lora_jax.lora.train import count_params
@@ -57,7 +57,6 @@ __all__ = (
     "lorafy",
     "mark_trainable",
     "merge",
-    "name_rule",
     "normalize_layout",
     "register_dot_rule",
     "resolve_layout",

@@ -230,7 +230,7 @@ def _probe_broadcast(eqn, invals, ctx):
 
 
 def _probe_same_axes(eqn, invals, ctx):
-    """slice / dynamic_slice / split / rev / name keep every axis (shorter, flipped)."""
+    """slice / dynamic_slice / split / rev / name / neg / stop_gradient keep every axis."""
     w = invals[0]
     if not isinstance(w, _Probe) or any(isinstance(x, _Probe) for x in invals[1:]):
         return _bind_dense(eqn, invals)
@@ -240,7 +240,7 @@ def _probe_same_axes(eqn, invals, ctx):
     return dataclasses.replace(w, value=out)
 
 
-for _name in ("slice", "dynamic_slice", "split", "rev", "name"):
+for _name in ("slice", "dynamic_slice", "split", "rev", "name", "neg", "stop_gradient"):
     register(_name, _Probe, _probe_same_axes)
 
 

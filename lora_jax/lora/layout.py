@@ -23,7 +23,7 @@ Layout = tuple[int, tuple[int, ...]]   # (stack_ndim, in_axes)
 LayoutSpec = Union[None, Callable[[str, Any], Any], Mapping[str, Any]]
 
 _MHA_IN = re.compile(r"(^|/)(query|key|value)$")
-_MHA_OUT = re.compile(r"(^|/)out$")
+_MHA_OUT = re.compile(r"(^|/)(out|attention_output)$")      # Flax / Keras
 
 
 def _module(path: str) -> str:
@@ -40,8 +40,9 @@ def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
     * a conv module's weight (``conv`` in its path): HWIO ``kernel``/``w`` has the
       spatial and in-feature axes as inputs (haiku's transposed convs keep ``w`` as
       [*K, O, I]); OIHW ``weight`` (Equinox, PyTorch) everything but axis 0.
-    * Flax ``MultiHeadDotProductAttention``: ``query|key|value`` (d, h, hd) contract
-      axis 0, ``out`` (h, hd, d) axes 0 and 1. One extra leading axis = stacked.
+    * Flax ``MultiHeadDotProductAttention`` (and Keras' ``MultiHeadAttention``):
+      ``query|key|value`` (d, h, hd) contract axis 0, ``out`` (Keras:
+      ``attention_output``) (h, hd, d) axes 0 and 1. One extra leading axis = stacked.
     * ``weight``, ``weight_ih``/``weight_hh`` (PyTorch / Equinox convention): an
       ``(out, in)`` matrix.
     * anything else (``kernel``, ``w``, haiku GRU's ``w_i``/``w_h``): an ``(in, out)`` matrix.

@@ -12,7 +12,8 @@
 * ``transpose`` / ``reshape`` / ``slice`` / ``dynamic_slice`` / ``split`` / ``rev`` (any
   axis: rows of A, columns of B) / stacked-axis ``squeeze`` / new leading axes
   (``broadcast_in_dim``) / a scalar ``mul`` or ``div`` (muP-style ``W * scale``: w0 and B
-  scaled) / ``name`` (``checkpoint_name``: every leaf named): a new LoraWeight.
+  scaled) / ``neg`` / ``name`` (``checkpoint_name``: every leaf named) / ``stop_gradient``:
+  a new LoraWeight.
 With ``lora(fn, dropout=p)`` the dot and conv rules drop out the adapter's input
 (``ctx.drop``), never the base path's.
 W0 is frozen by construction: :func:`lora_jax.lora` puts it under ``stop_gradient`` on the
@@ -33,7 +34,7 @@ from jax import lax
 
 from lora_jax.core import compat, dense, is_implicit, register
 from lora_jax.lora.factor_dot import einsum, factor_dot
-from lora_jax.lora.weight import LoraWeight
+from lora_jax.lora.weight import AdapterNode, LoraWeight
 
 _LAYOUT_FIX = ("Build the adapter with lorafy(..., fn=fn, args=example_args) so its layout is "
                "read off how fn uses the weight (or pass layout=).")
@@ -403,9 +404,20 @@ def _scalar_rule(eqn, invals, ctx):
     return dataclasses.replace(w, w0=w0, b=w.b / cb if inv else w.b * cb)
 
 
-@register("name", LoraWeight)
-def name_rule(eqn, invals, ctx):
-    """``checkpoint_name(w, n)`` (a remat policy's handle on a tensor) names every leaf."""
+@register("neg", LoraWeight)
+def _neg_rule(eqn, invals, ctx):
+    """``-W``: w0 and B negated (a quantized w0 through its scales)."""
+    (w,) = invals
+    w0 = w.w0.scaled(-1.0) if is_implicit(w.w0) else -w.w0
+    return dataclasses.replace(w, w0=w0, b=-w.b)
+
+
+# Any adapter node (LoRA, DoRA, many adapters): ``stop_gradient(W)`` stops every leaf's
+# gradient, A and B included, as the user's code says of the weight; ``checkpoint_name(W, n)``
+# (a remat policy's handle on a tensor) names every leaf.
+@register("stop_gradient", AdapterNode)
+@register("name", AdapterNode)
+def _every_leaf_rule(eqn, invals, ctx):
     (w,) = invals
     return jax.tree.map(lambda leaf: compat.bind(eqn, leaf), w)
 

@@ -46,7 +46,6 @@ from lora_jax.lora import (
     looks_like_factors,
     lora_scale,
     lorafy,
-    name_rule,
     scalar_operand,
     transpose_rule,
 )
@@ -253,7 +252,12 @@ def _dora_scalar_rule(eqn, invals, ctx):
 
 for _prim in ("mul", "div"):
     register(_prim, DoraWeight, _dora_scalar_rule)
-register("name", DoraWeight, name_rule)
+
+
+@register("neg", DoraWeight)
+def _dora_neg_rule(eqn, invals, ctx):
+    (w,) = invals
+    return dataclasses.replace(w, m=-w.m)
 
 
 @register("gather", DoraWeight)

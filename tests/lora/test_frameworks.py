@@ -334,8 +334,8 @@ def _moe():
 
 
 def _mup_named():
-    """muP-style scaled weights (``W * c``, ``c * W``, ``W / c``: haliax's Linear reparam) and
-    a weight named for a remat policy (``checkpoint_name``, as haliax's Stacked does)."""
+    """muP-style scaled weights (``W * c``, ``c * W``, ``W / c``: haliax's Linear reparam, and
+    ``-W``) and a weight named for a remat policy (``checkpoint_name``, haliax's Stacked)."""
     ks = jax.random.split(jax.random.key(4), 3)
     p = {"up": {"kernel": jax.random.normal(ks[0], (D, 11))},
          "mid": {"kernel": jax.random.normal(ks[1], (11, 11))},
@@ -346,7 +346,7 @@ def _mup_named():
     def fn(p, x):
         h = jnp.tanh(x @ (p["up"]["kernel"] * (1.0 / math.sqrt(D))))
         mid = checkpoint_name(p["mid"]["kernel"], "mid_w")
-        h = jnp.tanh(h @ (0.3 * mid))
+        h = jnp.tanh(h @ -(0.3 * mid))
         return h @ (p["down"]["kernel"] / 11.0)
     return fn, p
 
@@ -557,6 +557,22 @@ def test_size_one_axes_reshaped_away(shape, layout):
     for base in (params, lj.quantize(params, "nf4", fn=fn, args=(x,))):
         lp = randomize_b(lj.lorafy(base, rank=2, fn=fn, args=(x,)), jax.random.key(3))
         close(lj.lora(fn, strict=True)(lp, x), fn(lj.merge(lp), x), 1e-5)
+
+
+def test_stop_gradient_on_a_weight_stops_its_adapter():
+    """``stop_gradient(W)`` in fn: the weight stays factored, and no gradient reaches its A
+    or B (the other weight's adapter still trains), as through the merged weights."""
+    params = {"frozen": {"kernel": _x((D, 7), seed=4)}, "free": {"kernel": _x((7, 5), seed=5)}}
+
+    def fn(p, x):
+        return jnp.tanh(x @ jax.lax.stop_gradient(p["frozen"]["kernel"])) @ p["free"]["kernel"]
+    x = _x((B, D))
+    lp = randomize_zero_factors(lj.lorafy(params, rank=2, fn=fn, args=(x,)), jax.random.key(3))
+    assert set(lj.infer_layout(fn, params, x)) == {"frozen/kernel", "free/kernel"}
+    tr, fr = lj.split(lp)
+    g = jax.grad(lambda t: jnp.sum(lj.lora(fn, strict=True)(lj.combine(t, fr), x) ** 2))(tr)
+    assert not np.any(g["frozen"]["kernel"].a) and not np.any(g["frozen"]["kernel"].b)
+    assert np.any(g["free"]["kernel"].a) and np.any(g["free"]["kernel"].b)
 
 
 def test_scanned_weight_guessed_without_stacked_axis_is_named():

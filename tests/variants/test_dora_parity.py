@@ -124,7 +124,7 @@ def test_dora_through_a_transpose_scale_and_name_stays_factored():
 
     def f(p, x):                                   # x [B, 5]
         h = jnp.tanh(x @ (checkpoint_name(p["fc"], "fc").T * 0.5))     # [B, 7]
-        o = jnp.transpose(p["o"], (2, 1, 0)) / 3.0  # [5, 2, 3]: in axes (2, 1) after the move
+        o = -jnp.transpose(p["o"], (2, 1, 0)) / 3.0  # [5, 2, 3]: in axes (2, 1) now
         return jnp.einsum("bkh,dkh->bd", h[:, 1:].reshape(-1, 2, 3), o)
     x = jax.random.normal(k[2], (4, 5))
 
