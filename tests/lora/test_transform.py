@@ -88,6 +88,15 @@ def test_conv_strided_1d(key):
     check_lora_matches_merged(fn, p, (x,), key=key, tol=5e-5, layout=lj.infer_layout(fn, p, x))
 
 
+def test_keras_names_are_guessed():
+    """Keras' MultiHeadAttention output [H, Dh, D] and its RNN's recurrent kernel."""
+    assert lj.default_layout("mha/attention_output/kernel", (3, 5, 7)) == (0, (0, 1))
+    assert lj.default_layout("layers/attention_output/kernel", (2, 3, 5, 7)) == (1, (0, 1))
+    lp = lj.lorafy({"lstm": {"kernel": jnp.ones((5, 28)), "recurrent_kernel": jnp.ones((7, 28)),
+                             "bias": jnp.ones(28)}}, rank=2)
+    assert lp["lstm"]["recurrent_kernel"].in_axes == (0,) and lp["lstm"]["kernel"].a.shape == (5, 2)
+
+
 class TiedLM(nn.Module):
     @nn.compact
     def __call__(self, ids):
