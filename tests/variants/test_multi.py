@@ -104,14 +104,18 @@ def test_no_recompile_on_switch_or_replace(llama):
                         jax.random.key(8))
     mp2 = set_adapter(mp, "b", new_b)
     y3 = f(mp2, x, jnp.array([1, -1, 0, 1, 1], jnp.int32))
-    assert len(traces) == 1 and f._cache_size() == 1
+    # one trace (the C++ dispatch cache size is not asserted: a long process may evict it)
+    assert len(traces) == 1
     assert not np.allclose(np.asarray(y1), np.asarray(y2))
     close(y3[:1], jax.jit(lambda p, x: apply({"params": p}, x))(new_b, x[:1]), 1e-6)
     # ids set outside jit: also data only
-    g = jax.jit(lambda p, x: apply({"params": p}, x))
+    @jax.jit
+    def g(p, x):
+        traces.append(2)
+        return apply({"params": p}, x)
     g(with_adapter_ids(mp, [0, 1, 0, 1, 0]), x)
     g(with_adapter_ids(mp, ["b", "b", None, "a", "a"]), x)
-    assert g._cache_size() == 1
+    assert traces == [1, 2]
 
 
 def test_training_two_adapters_in_one_batch(llama):
