@@ -395,6 +395,26 @@ def test_hand_written_adapters_that_do_not_fit_are_refused(tmp_path):
         from_peft(pickled, base, **kw)
 
 
+def _as_dora(lp):
+    """Every LoraWeight as a DoraWeight whose magnitude is 1.5x the norm (so m matters)."""
+    return {n: lora_jax.variants.DoraWeight(w.w0, w.a, w.b, lora_jax.variants.to_dora(
+        {"w": w})["w"].m * 1.5, alpha=w.alpha, in_axes=w.in_axes) for n, w in lp.items()}
+
+
+def _peft_gives_ours_and_reads_back(net, out, lp, x, ours, module_map, dora):
+    """PEFT's model on the adapter at ``out`` gives ``ours``; from_peft onto ``lp`` gives back
+    its factors (and magnitudes)."""
+    pm = peft.PeftModel.from_pretrained(net.eval(), out).eval()
+    with torch.no_grad():
+        theirs = pm(torch.tensor(np.asarray(x))).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-5, rtol=0)
+    back = from_peft(out, lp, module_map=module_map)
+    for n in lp:
+        assert back[n].in_axes == lp[n].in_axes
+        for field in ("a", "b", "m") if dora else ("a", "b"):
+            np.testing.assert_allclose(getattr(back[n], field), getattr(lp[n], field), atol=1e-6)
+
+
 class _HeadsNet(torch.nn.Module if _HAVE_ORACLES else object):
     """The torch side of ``_heads_fn``: q_proj Linear(D, H*Dh), o_proj Linear(H*Dh, D) per
     layer, an Equinox-style (out, in) head."""
@@ -448,9 +468,7 @@ def test_multi_axis_weights_export_as_flattened_linears(dora, tmp_path):
     swapped = dict(lp, o=lora_jax.LoraWeight(lp["o"].w0, jnp.swapaxes(lp["o"].a, 1, 2),
                                              lp["o"].b, alpha=5.0, in_axes=(1, 0)))
     np.testing.assert_allclose(lora_jax.merge(swapped)["o"], lora_jax.merge(lp)["o"])
-    if dora:
-        lp = {n: lora_jax.variants.DoraWeight(w.w0, w.a, w.b, lora_jax.variants.to_dora(
-            {"w": w})["w"].m * 1.5, alpha=w.alpha, in_axes=w.in_axes) for n, w in lp.items()}
+    lp = _as_dora(lp) if dora else lp
     ours = np.asarray(lora_jax.lora(_heads_fn)(lp, x))
     assert np.abs(ours - np.asarray(_heads_fn(p, x))).max() > 1e-2
     mm = {"q": "layers.{i}.q_proj", "o": "layers.{i}.o_proj", "head": "head"}
@@ -465,16 +483,7 @@ def test_multi_axis_weights_export_as_flattened_linears(dora, tmp_path):
         np.testing.assert_allclose(back["o"].a, swapped["o"].a, atol=1e-6)
     assert sd["base_model.model.layers.1.o_proj.lora_A.weight"].shape == (3, H * Dh)
     assert sd["base_model.model.layers.0.q_proj.lora_B.weight"].shape == (H * Dh, 3)
-    pm = peft.PeftModel.from_pretrained(_HeadsNet(p).eval(), out).eval()
-    with torch.no_grad():
-        theirs = pm(torch.tensor(np.asarray(x))).numpy()
-    np.testing.assert_allclose(theirs, ours, atol=2e-5, rtol=0)
-
-    back = from_peft(out, lp, module_map=mm)
-    for n in p:
-        assert back[n].in_axes == lp[n].in_axes
-        np.testing.assert_allclose(back[n].a, lp[n].a, atol=1e-6)
-        np.testing.assert_allclose(back[n].b, lp[n].b, atol=1e-6)
+    _peft_gives_ours_and_reads_back(_HeadsNet(p), out, lp, x, ours, mm, dora)
     with pytest.raises(ValueError, match=r"leaf 'q' has per-layer shape \(5, 3, 2\); a plain"):
         from_peft(out, p, module_map=mm)
 
@@ -511,9 +520,7 @@ def test_conv_kernels_export_as_peft_conv_lora(dora, tmp_path):
     lp = randomize_b(lora_jax.lorafy(p, rank=3, alpha=5.0, fn=_conv_fn, args=(x,)),
                      jax.random.key(5))
     assert lp["c1"].in_axes == (0, 1, 2) and lp["c2"].in_axes == (1, 2, 3)
-    if dora:
-        lp = {n: lora_jax.variants.DoraWeight(w.w0, w.a, w.b, lora_jax.variants.to_dora(
-            {"w": w})["w"].m * 1.5, alpha=w.alpha, in_axes=w.in_axes) for n, w in lp.items()}
+    lp = _as_dora(lp) if dora else lp
     ours = np.asarray(lora_jax.lora(_conv_fn, strict=True)(lp, x))
     assert np.abs(ours - np.asarray(_conv_fn(p, x))).max() > 1e-2
     mm = {"c1": "conv1", "c2": "conv2"}
@@ -521,15 +528,7 @@ def test_conv_kernels_export_as_peft_conv_lora(dora, tmp_path):
     sd = load_file(out / "adapter_model.safetensors")
     assert sd["base_model.model.conv1.lora_A.weight"].shape == (3, 3, 3, 2)   # [r, in, kh, kw]
     assert sd["base_model.model.conv1.lora_B.weight"].shape == (6, 3, 1, 1)
-    pm = peft.PeftModel.from_pretrained(_ConvNet(p).eval(), out).eval()
-    with torch.no_grad():
-        theirs = pm(torch.tensor(np.asarray(x))).numpy()
-    np.testing.assert_allclose(theirs, ours, atol=2e-5, rtol=0)
-
-    back = from_peft(out, lp, module_map=mm)
-    for n in p:
-        for field in ("a", "b", "m") if dora else ("a", "b"):
-            np.testing.assert_allclose(getattr(back[n], field), getattr(lp[n], field), atol=1e-6)
+    _peft_gives_ours_and_reads_back(_ConvNet(p), out, lp, x, ours, mm, dora)
     fc = lora_jax.lorafy({"fc": jnp.ones((5, 7))}, rank=2, targets="fc")
     with pytest.raises(ValueError, match=r"to_peft: leaf 'fc' is named by conv=, but a kernel "
                                          r"of shape \(5, 7\) .* is no convolution kernel"):
