@@ -8,7 +8,8 @@ a predicate ``(path, leaf) -> bool``.
 The default finds the weight matrices of every common JAX framework by leaf
 name: Flax ``kernel`` (also NNX State paths ``.../kernel/value``), PyTorch-style
 and Equinox ``weight`` (and RNN cells' ``weight_ih``/``weight_hh``), dm-haiku and
-Gemma-einsum ``w`` (haiku GRU's ``w_i``/``w_h``); floating, ndim >= 2.
+Gemma-einsum ``w`` (haiku GRU's ``w_i``/``w_h``), Keras RNNs' ``recurrent_kernel``;
+floating, ndim >= 2.
 
 Example:
     >>> import jax.numpy as jnp
@@ -32,9 +33,8 @@ from lora_jax.core.tree import path_str
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
 
-# and the recurrent cells' gate matrices: Equinox GRUCell/LSTMCell ``weight_ih``/``weight_hh``
-# (out, in), haiku GRU ``w_i``/``w_h`` (in, out)
-# ``recurrent_kernel`` (Keras' LSTM/GRU/SimpleRNN, (in, out))
+# Also recurrent cells' gate matrices: Equinox GRUCell/LSTMCell ``weight_ih``/``weight_hh``
+# (out, in); haiku GRU ``w_i``/``w_h`` and Keras LSTM/GRU ``recurrent_kernel`` (in, out).
 DEFAULT_LEAF_NAMES = ("kernel", "weight", "w", "weight_ih", "weight_hh", "w_i", "w_h",
                       "recurrent_kernel")
 _WRAPPER_NAMES = ("value", "raw_value")      # NNX Variable/State wrappers

@@ -395,6 +395,8 @@ def _scalar_rule(eqn, invals, ctx):
     c = scalar_operand(eqn, invals, w)
     if c is None:
         return ctx.decline(f"meets '{eqn.primitive.name}' with an array that is not a scalar.")
+    if is_implicit(w.w0) and not hasattr(w.w0, "scaled"):
+        return NotImplemented
     inv = eqn.primitive.name == "div"
     if is_implicit(w.w0):
         w0 = w.w0.scaled(1.0 / jnp.asarray(c, jnp.float32) if inv else c)
@@ -408,6 +410,8 @@ def _scalar_rule(eqn, invals, ctx):
 def _neg_rule(eqn, invals, ctx):
     """``-W``: w0 and B negated (a quantized w0 through its scales)."""
     (w,) = invals
+    if is_implicit(w.w0) and not hasattr(w.w0, "scaled"):
+        return NotImplemented
     w0 = w.w0.scaled(-1.0) if is_implicit(w.w0) else -w.w0
     return dataclasses.replace(w, w0=w0, b=-w.b)
 
