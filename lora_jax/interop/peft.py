@@ -73,7 +73,7 @@ def _lora_leaves(params, module_map: Mapping[str, str]) -> list[tuple[str, LoraW
     leaves = [(strip_params(path_str(p)), x) for p, x in flat if _is_node(x)]
     if not leaves:
         raise ValueError("to_peft: params contain no LoraWeight (lorafy them first)")
-    unknown = [p for p, x in leaves if p not in module_map]
+    unknown = [p for p, _ in leaves if p not in module_map]
     if unknown:
         stacked = next((p for p, x in leaves if p in unknown and x.stack_ndim), None)
         example = (f"{{{stacked!r}: 'model.layers.{{i}}.<module>'}} ({{i}}: the index along "

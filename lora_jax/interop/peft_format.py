@@ -32,11 +32,9 @@ from lora_jax.checkpoint import read_json, read_safetensors, replace_dir, write_
 from lora_jax.lora import lora_scale
 
 __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "PREFIX", "PeftConfig", "alpha_for_scale", "conv_view",
-           "factor_keys",
-           "has_tied_embeddings", "is_adapter_dir", "is_embedding", "linear_view", "magnitude_key",
-           "parse_key",
-           "read_adapter",
-           "strip_params", "write_adapter", "write_adapter_files"]
+           "factor_keys", "has_tied_embeddings", "is_adapter_dir", "is_embedding", "linear_view",
+           "magnitude_key", "parse_key", "read_adapter", "strip_params", "write_adapter",
+           "write_adapter_files"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
