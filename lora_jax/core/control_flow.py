@@ -150,6 +150,12 @@ def _passthrough_rule(eqn, invals, ctx):
     return invals if eqn.primitive.multiple_results else invals[0]
 
 
+def _barrier_rule(eqn, invals, ctx):
+    """``optimization_barrier`` over nodes holds every leaf of them: the nodes come back."""
+    leaves, treedef = jax.tree.flatten(list(invals))
+    return jax.tree.unflatten(treedef, compat.bind(eqn, *leaves))
+
+
 def _convert_rule(eqn, invals, ctx):
     (w,) = invals
     try:
@@ -168,3 +174,4 @@ register("while", ImplicitArray, _while_rule)
 register("copy", ImplicitArray, _passthrough_rule)
 register("copy_p", ImplicitArray, _passthrough_rule)
 register("convert_element_type", ImplicitArray, _convert_rule)
+register("optimization_barrier", ImplicitArray, _barrier_rule)

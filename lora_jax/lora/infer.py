@@ -99,8 +99,19 @@ class _Record:
         self.ndims = ndims
         self.layouts: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.gathered: set[int] = set()
+        self.joined: dict[int, set[int]] = {}     # leaf -> leaves concatenated onto it
 
     def note(self, probe: _Probe, contract, batch, *, gather: bool = False) -> None:
+        seen, todo = {probe.leaf}, [probe.leaf]
+        while todo:
+            for other in self.joined.get(todo.pop(), ()):
+                if other not in seen:
+                    seen.add(other)
+                    todo.append(other)
+        for leaf in sorted(seen):
+            self._note(dataclasses.replace(probe, leaf=leaf), contract, batch, gather)
+
+    def _note(self, probe: _Probe, contract, batch, gather: bool) -> None:
         cur = probe.current()
         stack = sorted(_flat([*probe.stacked(), *(cur[a] for a in batch)]))
         k = len(stack)
@@ -230,7 +241,7 @@ def _probe_broadcast(eqn, invals, ctx):
 
 
 def _probe_same_axes(eqn, invals, ctx):
-    """slice / dynamic_slice / split / rev / name / neg / stop_gradient keep every axis."""
+    """slice / dynamic_slice / split / rev / pad / name / neg / stop_gradient keep every axis."""
     w = invals[0]
     if not isinstance(w, _Probe) or any(isinstance(x, _Probe) for x in invals[1:]):
         return _bind_dense(eqn, invals)
@@ -240,8 +251,24 @@ def _probe_same_axes(eqn, invals, ctx):
     return dataclasses.replace(w, value=out)
 
 
-for _name in ("slice", "dynamic_slice", "split", "rev", "name", "neg", "stop_gradient"):
+for _name in ("slice", "dynamic_slice", "split", "rev", "pad", "name", "neg", "stop_gradient"):
     register(_name, _Probe, _probe_same_axes)
+
+
+@register("concatenate", _Probe)
+def _probe_concat(eqn, invals, ctx):
+    """Leaves concatenated along one axis with the same axes (a fused QKV built at call
+    time) are used alike: the result probes the first, and whatever it meets is noted for
+    all of them."""
+    probes = [x for x in invals if isinstance(x, _Probe)]
+    out = _bind_dense(eqn, invals)
+    first = probes[0]
+    if any((p.axes, p.indexed, p.value.ndim) != (first.axes, first.indexed, first.value.ndim)
+           for p in probes):
+        return out
+    joined = _RECORD[-1].joined.setdefault(first.leaf, set())
+    joined.update(p.leaf for p in probes[1:] if p.leaf != first.leaf)
+    return dataclasses.replace(first, value=out)
 
 
 def _probe_scaled(eqn, invals, ctx):

@@ -13,7 +13,7 @@
   axis: rows of A, columns of B) / stacked-axis ``squeeze`` / new leading axes
   (``broadcast_in_dim``) / a scalar ``mul`` or ``div`` (muP-style ``W * scale``: w0 and B
   scaled) / ``neg`` / ``name`` (``checkpoint_name``: every leaf named) / ``stop_gradient``:
-  a new LoraWeight.
+  a new LoraWeight. ``concatenate`` and ``pad`` live in :mod:`lora_jax.lora.concat`.
 With ``lora(fn, dropout=p)`` the dot and conv rules drop out the adapter's input
 (``ctx.drop``), never the base path's.
 W0 is frozen by construction: :func:`lora_jax.lora` puts it under ``stop_gradient`` on the

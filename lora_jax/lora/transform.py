@@ -22,7 +22,8 @@ import jax
 from jax import lax
 
 from lora_jax.core import checks, interpret, register
-from lora_jax.lora import rules as _rules  # noqa: F401  (registers LoraWeight's rules)
+from lora_jax.lora import concat as _concat  # noqa: F401  (registers LoraWeight's rules)
+from lora_jax.lora import rules as _rules  # noqa: F401
 from lora_jax.lora.weight import AdapterNode
 
 

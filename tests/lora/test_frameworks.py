@@ -367,6 +367,34 @@ def _keras_depthwise():
                                    p["dw1"]["kernel"])), p
 
 
+def _assembled():
+    """Weights assembled at call time: q, k, v kernels concatenated into one matmul (with a
+    constant block), an RNN cell's ``concat([x, h]) @ concat([W_x, W_h])``, heads padded to a
+    multiple with ``jnp.pad``, two layer stacks concatenated and scanned, and a weight held
+    by ``optimization_barrier``."""
+    ks = jax.random.split(jax.random.key(4), 8)
+    p = {"q": {"kernel": jax.random.normal(ks[0], (D, 7)) * 0.3},
+         "k": {"kernel": jax.random.normal(ks[1], (D, 3)) * 0.3},
+         "v": {"kernel": jax.random.normal(ks[2], (D, 5)) * 0.3},
+         "cell": {"w_x": jax.random.normal(ks[3], (7, 11)) * 0.3,
+                  "w_h": jax.random.normal(ks[4], (11, 11)) * 0.3},
+         "heads": {"kernel": jax.random.normal(ks[5], (11, 3, 5)) * 0.3},   # 3 heads -> 4
+         "early": {"w": jax.random.normal(ks[6], (2, 5, 5)) * 0.3},
+         "late": {"w": jax.random.normal(ks[7], (1, 5, 5)) * 0.3}}
+
+    def fn(p, x):                                                    # x: [B, D]
+        w = jnp.concatenate([p["q"]["kernel"], jnp.zeros((D, 2)), p["k"]["kernel"],
+                             p["v"]["kernel"]], axis=1)
+        q, _, k, v = jnp.split(x @ w, [7, 9, 12], axis=-1)
+        h = jnp.tanh(jnp.concatenate([q * k.sum(-1, keepdims=True), jnp.ones((B, 11))], -1)
+                     @ jnp.concatenate([p["cell"]["w_x"], p["cell"]["w_h"]], axis=0))
+        heads = jnp.pad(p["heads"]["kernel"], ((0, 0), (0, 1), (0, 0)), constant_values=0.1)
+        o = jnp.einsum("bd,dhk->bhk", h, jax.lax.optimization_barrier(heads)).sum(1) + v
+        stack = jnp.concatenate([p["early"]["w"], p["late"]["w"]], axis=0)
+        return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), o, stack)[0]
+    return fn, p
+
+
 def _x(shape, seed=2):
     return jax.random.normal(jax.random.key(seed), shape)
 
@@ -409,6 +437,7 @@ CASES = {
     "jax_top1_moe_gather": lambda: (*_moe(), _x((7, D)), None),
     "jax_mup_scaled_named_weights": lambda: (*_mup_named(), _x((B, D)), None),
     "jax_keras_depthwise_reshaped": lambda: (*_keras_depthwise(), _x((B, 7, 5, 5)), None),
+    "jax_weights_assembled_at_call": lambda: (*_assembled(), _x((B, D)), None),
 }
 
 # What fn shows of each weight there: indexing, splitting, slicing, reshaping or gathering
@@ -424,6 +453,10 @@ LAYOUTS = {
     "jax_mup_scaled_named_weights": {"up/kernel": (0, (0,)), "mid/kernel": (0, (0,)),
                                      "down/kernel": (0, (0,))},
     "jax_keras_depthwise_reshaped": {"dw2/kernel": (0, (0, 1)), "dw1/kernel": (0, (0, 1))},
+    "jax_weights_assembled_at_call": {"q/kernel": (0, (0,)), "k/kernel": (0, (0,)),
+                                      "v/kernel": (0, (0,)), "cell/w_x": (0, (0,)),
+                                      "cell/w_h": (0, (0,)), "heads/kernel": (0, (0,)),
+                                      "early/w": (1, (0,)), "late/w": (1, (0,))},
 }
 
 
@@ -493,7 +526,8 @@ def test_default_path(case):
                                   "haiku_gru_split_gates", "jax_top1_moe_gather",
                                   "jax_fori_loop_layer_index", "jax_fused_qkv_slices_reshape",
                                   "linen_depthwise_grouped_conv",
-                                  "jax_mup_scaled_named_weights"])
+                                  "jax_mup_scaled_named_weights",
+                                  "jax_weights_assembled_at_call"])
 def test_nf4_base(case):
     fn, params, x, targets = CASES[case]()
     qp = lj.quantize(params, "nf4", fn=fn, args=(x,))
@@ -573,6 +607,50 @@ def test_stop_gradient_on_a_weight_stops_its_adapter():
     g = jax.grad(lambda t: jnp.sum(lj.lora(fn, strict=True)(lj.combine(t, fr), x) ** 2))(tr)
     assert not np.any(g["frozen"]["kernel"].a) and not np.any(g["frozen"]["kernel"].b)
     assert np.any(g["free"]["kernel"].a) and np.any(g["free"]["kernel"].b)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_concatenated_adapters_of_other_ranks_and_scales_are_exact(axis):
+    """Blocks of different rank, alpha and rsLoRA concatenated along a stacked (0), input (1)
+    or output (2) axis: one node of their summed (or, stacked, largest) rank whose scale is
+    folded into B, equal to the merged weights in value and in every A and B gradient."""
+    shapes = {"u": (2, 5, 7), "v": (2, 3, 7)} if axis == 1 else {"u": (2, 5, 7), "v": (2, 5, 3)}
+    if axis == 0:
+        shapes["v"] = (3, 5, 7)
+    params = {n: {"w": _x(s, seed=i)} for i, (n, s) in enumerate(shapes.items())}
+    lp = lj.lorafy(params, rank=2, layout={"w": (1, (0,))}, rank_pattern={"v": 3},
+                   alpha_pattern={"u": 5.0}, rslora=True, key=jax.random.key(1))
+    lp = randomize_b(lp, jax.random.key(2))
+
+    def fn(p, x):                   # x: [L, B, in]
+        w = jnp.concatenate([p["u"]["w"], p["v"]["w"]], axis=axis)
+        return jnp.einsum("lbi,lio->lbo", x, w)
+    x = _x((5 if axis == 0 else 2, B, 8 if axis == 1 else 5))
+    tr, fr = lj.split(lp)
+
+    def loss(t, apply):
+        return jnp.sum(jnp.sin(apply(lj.combine(t, fr))))
+    got = jax.value_and_grad(loss)(tr, lambda p: lj.lora(fn, strict=True)(p, x))
+    want = jax.value_and_grad(loss)(tr, lambda p: fn(lj.merge(p), x))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        close(a, b, 1e-5)
+    assert set(lj.infer_layout(fn, params, x)) == {"u/w", "v/w"}
+
+
+def test_concatenated_weights_of_other_layouts_are_named():
+    """An (in, out) kernel concatenated with an (out, in) one has no factored form: strict
+    names the parameter; non-strict forms it, exactly."""
+    params = {"a": {"w": _x((5, 7))}, "b": {"w": _x((5, 7), seed=3)}}
+    lp = randomize_b(lj.lorafy(params, rank=2, layout={"a/w": (0, (0,)), "b/w": (0, (1,))}),
+                     jax.random.key(2))
+
+    def fn(p, x):
+        return x @ jnp.concatenate([p["a"]["w"], p["b"]["w"]], axis=1)
+    x = _x((B, 5))
+    with pytest.raises(lj.MaterializationError, match=r"'a/w'.*another layout"):
+        lj.lora(fn, strict=True)(lp, x)
+    with pytest.warns(lj.MaterializationWarning):
+        close(lj.lora(fn)(lp, x), fn(lj.merge(lp), x), 1e-5)
 
 
 def test_scanned_weight_guessed_without_stacked_axis_is_named():
