@@ -22,6 +22,10 @@ also splits a layer axis no leaf spec is known, and the node is formed before th
 input axes are split is formed too: its column norm would be a per-shard partial.
 Nodes the body returns are formed: ``out_specs`` describe arrays.
 
+A sharding constraint on a node (``with_sharding_constraint(W, NamedSharding(mesh, spec))``,
+FSDP-style code gathering a weight before its matmul; ``reshard`` with explicit axes)
+constrains each leaf by the same derived spec.
+
 Node types of one's own may register their leaf specs with :func:`register_specs`.
 """
 
@@ -306,5 +310,33 @@ def _pvary_rule(eqn, invals, ctx):
     return outs if eqn.primitive.multiple_results else outs[0]
 
 
+def _constraint_rule(eqn, invals, ctx):
+    """``with_sharding_constraint`` / ``reshard`` of a node: each leaf by its derived spec."""
+    (x,) = invals
+    key = "sharding" if "sharding" in eqn.params else "dst_sharding"
+    sharding = eqn.params.get(key)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or mesh is None:
+        return ctx.decline(f"meets a sharding constraint by {sharding}, which is not a "
+                           "NamedSharding, so the spec of its factors is unknown.")
+    try:
+        x, specs = _prepare(x, _entries(x, spec), ctx)
+    except NoSpec as e:
+        return ctx.decline(f"meets a sharding constraint, where {e}")
+    leaves, treedef = jax.tree.flatten(x)
+    outs = []
+    for leaf, leaf_spec in zip(leaves, specs, strict=True):
+        params = dict(eqn.params)
+        params[key] = type(sharding)(mesh, leaf_spec, memory_kind=sharding.memory_kind)
+        if "unconstrained_dims" in params:
+            params["unconstrained_dims"] = frozenset(
+                i for i, e in enumerate(leaf_spec) if e is PartitionSpec.UNCONSTRAINED)
+        with compat.eqn_context(eqn):
+            outs.append(eqn.primitive.bind(leaf, **params))
+    return jax.tree.unflatten(treedef, outs)
+
+
 register("shard_map", ImplicitArray, _shard_map_rule)
+register("sharding_constraint", ImplicitArray, _constraint_rule)
+register("reshard", ImplicitArray, _constraint_rule)
 register("pvary", ImplicitArray, _pvary_rule)

@@ -241,7 +241,8 @@ def _probe_broadcast(eqn, invals, ctx):
 
 
 def _probe_same_axes(eqn, invals, ctx):
-    """slice / dynamic_slice / split / rev / pad / name / neg / stop_gradient keep every axis."""
+    """slice / dynamic_slice / split / rev / pad / name / neg / stop_gradient / sharding
+    constraints keep every axis."""
     w = invals[0]
     if not isinstance(w, _Probe) or any(isinstance(x, _Probe) for x in invals[1:]):
         return _bind_dense(eqn, invals)
@@ -251,7 +252,8 @@ def _probe_same_axes(eqn, invals, ctx):
     return dataclasses.replace(w, value=out)
 
 
-for _name in ("slice", "dynamic_slice", "split", "rev", "pad", "name", "neg", "stop_gradient"):
+for _name in ("slice", "dynamic_slice", "split", "rev", "pad", "name", "neg", "stop_gradient",
+              "sharding_constraint", "reshard"):
     register(_name, _Probe, _probe_same_axes)
 
 

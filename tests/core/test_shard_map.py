@@ -8,6 +8,7 @@ Meshes of 1, 3, 4 and 6 CPU devices (conftest forces 8) keep the dims odd: 9 spl
 import math
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -296,3 +297,50 @@ def test_leaf_specs():
     assert specs == [P("s", *(None,) * (v.ndim - 1)) for v in jax.tree.leaves(lq)]
     with pytest.raises(NoSpec, match="layer axes"):
         leaf_specs(lq, P(None, None, "o"))
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_sharding_constraint_on_a_weight_constrains_each_factor(kind):
+    """FSDP-style code constrains a stacked weight before its matmul
+    (``with_sharding_constraint``; ``reshard`` on an explicit mesh): the layout is read
+    through it, the node stays factored, each leaf is constrained by the derived spec
+    (w0 as the weight, A by the stacked and input entries, B by the output ones), and the
+    result and gradients equal the merged model's."""
+    from jax.sharding import AxisType, NamedSharding
+    if len(jax.devices()) < 6:
+        pytest.skip("needs 6 devices")
+    axis_type = AxisType.Explicit if kind == "explicit" else AxisType.Auto
+    mesh = jax.make_mesh((2, 3), ("data", "model"), axis_types=(axis_type,) * 2,
+                         devices=jax.devices()[:6])
+    constrain = jax.sharding.reshard if kind == "explicit" else jax.lax.with_sharding_constraint
+    spec = P(None, "data", "model")                     # [L, in, out]
+    params = {"w": _normal(4, (3, 8, 9)), "o": _normal(5, (9, 8))}
+
+    def fn(p, x):
+        w = constrain(p["w"], NamedSharding(mesh, spec))
+        return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w) @ p["o"], None), x, w)[0]
+    x = _normal(2, (4, 8), 1.0)
+    assert lj.infer_layout(fn, params, x) == {"w": (1, (0,)), "o": (0, (0,))}
+    lp = randomize_zero_factors(lj.lorafy(params, rank=2, fn=fn, args=(x,)),
+                                jax.random.key(1))
+    with jax.set_mesh(mesh):
+        f = jax.jit(lj.lora(fn, strict=True))
+        jaxpr = jax.make_jaxpr(f)(lp, x)
+        close(f(lp, x), jax.jit(fn)(lj.merge(lp), x), 1e-5)
+        tr, fr = lj.split(lp)
+        g = jax.grad(lambda t: jnp.sum(lj.lora(fn, strict=True)(lj.combine(t, fr), x)))(tr)
+        g_ref = jax.grad(lambda t: jnp.sum(fn(lj.merge(lj.combine(t, fr)), x)))(tr)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        close(a, b, 1e-5)
+
+    def constraints(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name in ("sharding_constraint", "reshard"):
+                sh = e.params.get("sharding", e.params.get("dst_sharding"))
+                yield tuple(e.invars[0].aval.shape), tuple(sh.spec)
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                yield from constraints(sub)
+    seen = dict(constraints(jaxpr.jaxpr))
+    assert seen[(3, 8, 9)] == tuple(spec)
+    assert seen[(3, 8, 2)] == (None, "data", None)          # A [L, in, r]
+    assert seen[(3, 2, 9)] == (None, None, "model")         # B [L, r, out]
