@@ -56,6 +56,13 @@ def _lw(w0_shape=(5, 7), a_shape=(5, 2), b_shape=(2, 7), **kw):
 
 
 LORAFY = [
+    ("fn-clips-target", lambda: _lp(fn=lambda p, x: x @ jnp.clip(p["d"]["kernel"], -1, 1),
+                                    args=(jnp.ones((2, 5)),), targets="kernel"), ValueError,
+     r"lorafy: fn uses leaf 'd/kernel' \(shape \(5, 7\)\) only through operations whose "
+     r"effect on its axes is not read"),
+    ("fn-ignores-target", lambda: _lp(fn=lambda p, x: x @ jnp.ones((5, 7)),
+                                      args=(jnp.ones((2, 5)),), targets="kernel"), ValueError,
+     r"lorafy: fn never contracts leaf 'd/kernel' \(shape \(5, 7\)\) with an input"),
     ("rank-bool", lambda: lj.lorafy(_base(), rank=True), ValueError,
      r"lorafy: rank must be a positive int, got True \(bool\)"),
     ("rank-float", lambda: lj.lorafy(_base(), rank=2.0), ValueError, r"lorafy: rank .*2\.0"),
@@ -98,8 +105,7 @@ LORAFY = [
      r"lorafy: layout key 'dense/kernel' matches no leaf; the tree holds .*'d/kernel'"),
     ("nan-base", lambda: lj.lorafy(_base64(NAN), rank=2), ValueError,
      r"lorafy: leaf 'd/kernel' holds 1 non-finite value\(s\) \(first nan at index \(3, 5\)"),
-    ("fn-contracts-nothing", lambda: _lp(fn=lambda p, x: x @ jnp.pad(p["d"]["kernel"],
-                                                                   ((0, 0), (0, 1))),
+    ("fn-contracts-nothing", lambda: _lp(fn=lambda p, x: x @ jnp.clip(p["d"]["kernel"], -1, 1),
                                          args=(jnp.ones((3, 5)),)), ValueError,
      r"lorafy: fn contracts no leaf with its input as a weight, so there is no default target"),
     ("params-int", lambda: lj.lorafy(3, rank=2), TypeError, r"lorafy: params must be a param"),

@@ -86,6 +86,8 @@ class _Probe(ImplicitArray):
                                    indexed=(*self.indexed, *indexed))
 
     def materialize(self):
+        if _RECORD:                   # met by something no probe rule reads (clip, w * array)
+            _RECORD[-1].formed.add(self.leaf)
         return self.value
 
     def astype(self, dtype):
@@ -100,6 +102,7 @@ class _Record:
         self.layouts: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.gathered: set[int] = set()
         self.joined: dict[int, set[int]] = {}     # leaf -> leaves concatenated onto it
+        self.formed: set[int] = set()
 
     def note(self, probe: _Probe, contract, batch, *, gather: bool = False) -> None:
         seen, todo = {probe.leaf}, [probe.leaf]
@@ -131,7 +134,8 @@ _RECORD: list[_Record] = []
 
 
 def _bind_dense(eqn, invals):
-    return compat.bind(eqn, *[dense(x) for x in invals])
+    """The eqn on the values; a probe's own rules read its use, so it is not ``formed``."""
+    return compat.bind(eqn, *[x.value if isinstance(x, _Probe) else dense(x) for x in invals])
 
 
 @register("dot_general", _Probe)
@@ -332,10 +336,14 @@ def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=N
         if path in used:
             return normalize(used[path][0], path, leaf.shape)
         if require_use:
+            how = ("uses leaf {!r} (shape {}) only through operations whose effect on its axes "
+                   "is not read (an elementwise op with another array, a clip, a reduction, "
+                   "...), never contracting it with an input directly"
+                   if path in used.formed else
+                   "never contracts leaf {!r} (shape {}) with an input")
             raise ValueError(
-                f"{what}: fn never contracts leaf {path!r} (shape {tuple(leaf.shape)}) with an "
-                "input, so it has no input/output axes. Exclude it from targets, or pass "
-                "layout= for it.")
+                f"{what}: fn {how.format(path, tuple(leaf.shape))}, so it has no input/output "
+                "axes. Exclude it from targets, or pass layout= for it.")
         return resolve_layout(layout, path, leaf)
 
     def default(path, leaf):
@@ -379,5 +387,11 @@ def weight_usage(fn, params, args=(), kwargs=None) -> dict[str, tuple[tuple[int,
                               for i in shaped])
     finally:
         _RECORD.pop()
-    return {paths[i]: (lay, "table" if i in record.gathered else "weight")
-            for i, lay in record.layouts.items()}
+    out = _Usage({paths[i]: (lay, "table" if i in record.gathered else "weight")
+                  for i, lay in record.layouts.items()})
+    out.formed = frozenset(paths[i] for i in record.formed - set(record.layouts))
+    return out
+
+
+class _Usage(dict):
+    formed: frozenset = frozenset()     # paths fn uses only in ways no probe rule reads

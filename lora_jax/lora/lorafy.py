@@ -142,15 +142,19 @@ def _lora_targets(params, targets, trainable, default) -> tuple[list, set]:
     return chosen, full
 
 
-def _warn_rank(too_big: list[tuple[str, int]]) -> None:
+def _warn_rank(too_big: list[tuple[str, int]], guessed: bool) -> None:
     if too_big:
         ranks = sorted({r for _, r in too_big})
+        # a 3-D einsum kernel guessed as a stack of matrices looks too small for its rank
+        guess = (" The layouts were guessed from names and shapes (no fn=): if a guess is "
+                 "wrong, pass fn= and args= so they are read off the model."
+                 if guessed else "")
         warnings.warn(
             f"lorafy: rank {', '.join(map(str, ranks))} exceeds min(in, out) of "
             f"{[p for p, _ in too_big][:4]}; "
             "accepted, as PEFT does, but the update's rank is at most min(in, out), so the "
             "extra rank only adds parameters. Lower the rank or set one per leaf with "
-            "rank_pattern.", RankWarning, stacklevel=3)
+            f"rank_pattern.{guess}", RankWarning, stacklevel=3)
 
 
 def lorafy(params, rank: int = 8, *, alpha: float | None = None, targets: Targets = None,
@@ -214,7 +218,7 @@ def lorafy(params, rank: int = 8, *, alpha: float | None = None, targets: Target
         if big:
             too_big.append((path, r))
         replace[path] = LoraWeight(leaf, a, b, alpha=alpha_, rslora=bool(rslora), in_axes=lay[1])
-    _warn_rank(too_big)
+    _warn_rank(too_big, guessed=fn is None and layout is None)
 
     def swap(kp, leaf):
         return replace.get(path_str(kp), leaf)

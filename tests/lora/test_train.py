@@ -1,6 +1,7 @@
 """Training contract: only A/B train, optimizer state is adapter-sized, FLOPs drop."""
 
 import re
+import warnings
 
 import flax.linen as nn
 import jax
@@ -167,6 +168,20 @@ def test_rank_above_min_in_out_warns_once(kwargs, rank):
     with pytest.warns(lj.RankWarning, match=match) as rec:
         w = lj.lorafy(params, targets="dense/kernel", **kwargs)["dense"]["kernel"]
     assert len(rec) == 1 and w.a.shape == (5, rank) and w.b.shape == (rank, 7)
+    assert "guessed from names" in str(rec[0].message)          # no fn: the guess may be why
+
+
+def test_rank_warning_of_a_guessed_stack_points_at_fn():
+    """A 3-D einsum kernel [D, H, Dh] guessed as a stack of H x Dh matrices looks too small
+    for rank 3; with fn the layout is read off the einsum and nothing is too small."""
+    params = {"attn": {"k_proj": {"w": jnp.ones((7, 2, 5))}}}
+    fn = lambda p, x: jnp.einsum("bd,dhk->bhk", x, p["attn"]["k_proj"]["w"])   # noqa: E731
+    with pytest.warns(lj.RankWarning, match=r"rank 3 exceeds.*guessed from names.*pass fn="):
+        lj.lorafy(params, rank=3, targets="k_proj")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = lj.lorafy(params, rank=3, fn=fn, args=(jnp.ones((2, 7)),))["attn"]["k_proj"]["w"]
+    assert w.a.shape == (7, 3) and w.b.shape == (3, 2, 5)
 
 
 def test_lora_rejects_non_callable():
