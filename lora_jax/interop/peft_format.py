@@ -48,7 +48,10 @@ _KEY_RE = re.compile(
 
 
 def strip_params(path: str) -> str:
-    return path[len("params/"):] if path.startswith("params/") else path
+    """A leaf path as ``module_map`` keys it: without a variables dict's leading ``params/``
+    (linen) or a Variable's trailing ``/value`` (an NNX State), so one key fits both."""
+    path = path[len("params/"):] if path.startswith("params/") else path
+    return path[:-len("/value")] if path.endswith("/value") else path
 
 
 def is_embedding(path: str) -> bool:

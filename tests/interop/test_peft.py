@@ -555,3 +555,24 @@ def test_module_map_keys_may_keep_a_variables_dicts_params_prefix(tmp_path):
     assert a.shape == (3, 5) and b.shape == (7, 3)                    # PEFT: [r, in], [out, r]
     for key in got[0]:
         np.testing.assert_array_equal(got[0][key], got[1][key])
+
+
+def test_module_map_keys_of_an_nnx_state_need_no_value_suffix(tmp_path):
+    """An NNX State's leaves end in ``/value`` (``fc/kernel/value``): keys with or without it
+    export the same adapter, and from_peft puts the factors back onto the State."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(nnx.Linear(5, 7, rngs=nnx.Rngs(0)))
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)                       # noqa: E731
+    x = jnp.ones((2, 5))
+    lp = randomize_b(lora_jax.lorafy(state, rank=3, fn=fn, args=(x,)), jax.random.key(1))
+    dirs = [to_peft(lp, tmp_path / name, module_map={key: "fc"}, task_type=None)
+            for name, key in (("suffixed", "kernel/value"), ("plain", "kernel"))]
+    got = [load_file(d / "adapter_model.safetensors") for d in dirs]
+    assert sorted(got[0]) == ["base_model.model.fc.lora_A.weight",
+                              "base_model.model.fc.lora_B.weight"]
+    for key in got[0]:
+        np.testing.assert_array_equal(got[0][key], got[1][key])
+    back = from_peft(dirs[1], state, module_map={"kernel": "fc"})
+    np.testing.assert_allclose(lora_jax.lora(fn)(back, x), lora_jax.lora(fn)(lp, x),
+                               rtol=1e-6, atol=1e-6)
