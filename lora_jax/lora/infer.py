@@ -324,7 +324,7 @@ def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=N
         return layout_of, None
     if not callable(fn):
         raise TypeError(f"{what}: fn must be callable, got {type(fn).__name__}.")
-    used = weight_usage(fn, params, tuple(args), kwargs)
+    used, formed = _usage(fn, params, tuple(args), kwargs)
 
     def explicit(path):
         return layout is not None and (callable(layout) or path in layout
@@ -339,7 +339,7 @@ def layouts_for(params, *, layout: LayoutSpec = None, fn=None, args=(), kwargs=N
             how = ("uses leaf {!r} (shape {}) only through operations whose effect on its axes "
                    "is not read (an elementwise op with another array, a clip, a reduction, "
                    "...), never contracting it with an input directly"
-                   if path in used.formed else
+                   if path in formed else
                    "never contracts leaf {!r} (shape {}) with an input")
             raise ValueError(
                 f"{what}: fn {how.format(path, tuple(leaf.shape))}, so it has no input/output "
@@ -369,6 +369,11 @@ def infer_layout(fn, params, *args, **kwargs) -> dict[str, tuple[int, tuple[int,
 def weight_usage(fn, params, args=(), kwargs=None) -> dict[str, tuple[tuple[int, tuple], str]]:
     """``{path: (layout, kind)}``: :func:`infer_layout` plus how the leaf is used: ``"weight"``
     (contracted) or ``"table"`` (gathered by rows: an embedding)."""
+    return _usage(fn, params, args, kwargs)[0]
+
+
+def _usage(fn, params, args, kwargs) -> tuple[dict, frozenset]:
+    """:func:`weight_usage`, and the paths fn uses only in ways no probe rule reads."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_implicit)
     paths = [path_str(p) for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
@@ -387,11 +392,6 @@ def weight_usage(fn, params, args=(), kwargs=None) -> dict[str, tuple[tuple[int,
                               for i in shaped])
     finally:
         _RECORD.pop()
-    out = _Usage({paths[i]: (lay, "table" if i in record.gathered else "weight")
-                  for i, lay in record.layouts.items()})
-    out.formed = frozenset(paths[i] for i in record.formed - set(record.layouts))
-    return out
-
-
-class _Usage(dict):
-    formed: frozenset = frozenset()     # paths fn uses only in ways no probe rule reads
+    used = {paths[i]: (lay, "table" if i in record.gathered else "weight")
+            for i, lay in record.layouts.items()}
+    return used, frozenset(paths[i] for i in record.formed - set(record.layouts))
