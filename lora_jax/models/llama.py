@@ -1,4 +1,5 @@
-"""Reference Llama-family decoder in Flax linen (the modules and the KV cache).
+"""Reference Llama-family decoder in Flax linen (the modules and the KV cache): Llama,
+Mistral, Qwen2 and Qwen3, as :class:`~lora_jax.models.configs.LlamaConfig` describes them.
 
 The parameter tree naming is a contract relied upon by the HF / PEFT mappings::
 
@@ -7,6 +8,8 @@ The parameter tree naming is a contract relied upon by the HF / PEFT mappings::
         "input_layernorm": {"scale": [L, D]},
         "self_attn": {"q_proj": {"kernel": [L, D, H*hd]}, "k_proj": {"kernel": [L, D, KV*hd]},
                       "v_proj": {"kernel": [L, D, KV*hd]}, "o_proj": {"kernel": [L, H*hd, D]}},
+                      # + "bias" on q/k/v (qwen2, attention_bias: on o too);
+                      # + "q_norm"/"k_norm": {"scale": [L, hd]} (qwen3)
         "post_attention_layernorm": {"scale": [L, D]},
         "mlp": {"gate_proj": {"kernel": [L, D, F]}, "up_proj": {"kernel": [L, D, F]},
                 "down_proj": {"kernel": [L, F, D]}}},
@@ -29,7 +32,6 @@ Usage (loading lives in :mod:`lora_jax.models.loading`, decoding in
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -78,6 +80,10 @@ def _dense(cfg: LlamaConfig, features: int, use_bias: bool, name: str) -> nn.Den
     )
 
 
+def _norm(cfg: LlamaConfig, name: str) -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+
+
 class LlamaAttention(nn.Module):
     config: LlamaConfig
 
@@ -87,9 +93,11 @@ class LlamaAttention(nn.Module):
         B, T, _ = x.shape
         H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # Project first, reshape the activations (never the kernels).
-        q = _dense(cfg, H * hd, cfg.attention_bias, "q_proj")(x).reshape(B, T, H, hd)
-        k = _dense(cfg, KV * hd, cfg.attention_bias, "k_proj")(x).reshape(B, T, KV, hd)
-        v = _dense(cfg, KV * hd, cfg.attention_bias, "v_proj")(x).reshape(B, T, KV, hd)
+        q = _dense(cfg, H * hd, cfg.qkv_bias, "q_proj")(x).reshape(B, T, H, hd)
+        k = _dense(cfg, KV * hd, cfg.qkv_bias, "k_proj")(x).reshape(B, T, KV, hd)
+        v = _dense(cfg, KV * hd, cfg.qkv_bias, "v_proj")(x).reshape(B, T, KV, hd)
+        if cfg.qk_norm:
+            q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
@@ -155,14 +163,11 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
         cfg = self.config
-        norm = functools.partial(
-            RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
-        )
         h, new_cache = LlamaAttention(cfg, name="self_attn")(
-            norm(name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index
+            _norm(cfg, "input_layernorm")(x), cos, sin, mask, layer_cache, cache_index
         )
         x = x + h
-        x = x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+        x = x + LlamaMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
         return x, new_cache
 
 
@@ -210,7 +215,7 @@ class LlamaForCausalLM(nn.Module):
             S = T
             layer_caches = None
         cos, sin = rope_cos_sin(cfg, _positions(positions, B, T, cache_index))
-        mask = _attention_mask(attention_mask, B, T, S, cache_index)
+        mask = _attention_mask(attention_mask, B, T, S, cache_index, cfg.sliding_window)
 
         layer_cls = LlamaDecoderLayer
         if cfg.remat:
@@ -224,7 +229,7 @@ class LlamaForCausalLM(nn.Module):
         )(cfg, name="layers")
         x, new_layer_caches = layers(x, layer_caches, cos, sin, mask, cache_index)
 
-        x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
+        x = _norm(cfg, "norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -263,11 +268,16 @@ def _positions(positions, B: int, T: int, cache_index: Array) -> Array:
     return jnp.broadcast_to(positions, (B, T))
 
 
-def _attention_mask(attention_mask, B: int, T: int, S: int, cache_index: Array) -> Array:
-    """[B, T, S]: query t (cache slot ``cache_index + t``) sees slots <= it and valid keys."""
+def _attention_mask(attention_mask, B: int, T: int, S: int, cache_index: Array,
+                    window: int | None = None) -> Array:
+    """[B, T, S]: query t (cache slot ``cache_index + t``) sees slots <= it (and, with a
+    sliding ``window``, above ``it - window``) and valid keys."""
     q_slot = jnp.arange(T, dtype=jnp.int32)[:, None] + cache_index
     k_slot = jnp.arange(S, dtype=jnp.int32)[None, :]
-    mask = jnp.broadcast_to((k_slot <= q_slot)[None, :, :], (B, T, S))
+    seen = k_slot <= q_slot
+    if window is not None:
+        seen &= k_slot > q_slot - window
+    mask = jnp.broadcast_to(seen[None, :, :], (B, T, S))
     if attention_mask is None:
         return mask
     am = jnp.asarray(attention_mask).astype(jnp.bool_)

@@ -37,14 +37,15 @@ def _tokenizer(tmp_path):
     return tk.get_vocab_size()
 
 
-def _tiny_hf_dir(tmp_path, embed_scale=1.0):
-    """A random tiny Llama; ``embed_scale`` widens its (tied) embeddings: at init scale its
-    logits span well under one nat, too little for a few LoRA steps to learn a task."""
-    d = tmp_path / "tiny-llama"
+def _tiny_hf_dir(tmp_path, embed_scale=1.0, model_type="llama"):
+    """A random tiny Llama (or another ``model_type`` of the family); ``embed_scale`` widens its
+    (tied) embeddings: at init scale its logits span well under one nat, too little for a few
+    LoRA steps to learn a task."""
+    d = tmp_path / f"tiny-{model_type}"
     vocab = _tokenizer(tmp_path)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      eos_token_id=2, bos_token_id=1)
+                      eos_token_id=2, bos_token_id=1, model_type=model_type)
     params = LlamaForCausalLM(cfg).init_params(jax.random.key(0), 4)
     params["embed_tokens"]["embedding"] *= embed_scale
     lj.export_merged(params, d)                      # HF names, (out, in) layout
@@ -75,6 +76,10 @@ def setup(tmp_path_factory):
     return _tiny_hf_dir(tmp), _jsonl(tmp), tmp
 
 
+@pytest.fixture
+def family_setup(tmp_path):
+    """``model_type -> (model_dir, data.jsonl)``: ``setup`` with another architecture."""
+    return lambda model_type: (_tiny_hf_dir(tmp_path, model_type=model_type), _jsonl(tmp_path))
 
 
 @pytest.fixture(scope="session")

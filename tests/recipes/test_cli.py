@@ -60,6 +60,34 @@ def test_finetune_end_to_end(setup, quant, capsys):
     assert any(float(jnp.abs(b).max()) > 0 for b in trained_b)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_finetune_and_export_a_qwen_model(family_setup, tmp_path, model_type, capsys):
+    """Another architecture of the family through the CLI: trained, exported under its own
+    model_type, and the merged export computes the run's logits."""
+    model_dir, data = family_setup(model_type)
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "--model", str(model_dir), "--data", str(data), "--quant",
+                     "none", "--rank", "2", "--alpha", "4", "--steps", "2", "--batch", "4",
+                     "--seq-len", "40", "--eval-size", "8", "--lr", "1e-2", "--out", str(run),
+                     "--no-progress"]) == 0
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(run), "--merged", str(merged)]) == 0
+    capsys.readouterr()
+    hf = json.loads((merged / "config.json").read_text())
+    assert hf["model_type"] == model_type
+    model, base = from_pretrained(model_dir)
+    attn = base["layers"]["self_attn"]
+    assert ("bias" in attn["q_proj"], "q_norm" in attn) == (model_type == "qwen2",
+                                                            model_type == "qwen3")
+    trained = lj.restore_adapter(run / "adapter", lj.lorafy(base, rank=2, alpha=4,
+                                                            targets=DEFAULT_TARGETS))
+    ids = jnp.asarray([[5, 9, 17, 3, 40, 41]], jnp.int32)
+    m_model, m_params = from_pretrained(merged)
+    assert m_model.config == model.config
+    np.testing.assert_allclose(m_model.apply({"params": m_params}, ids),
+                               lj.lora(model.apply)({"params": trained}, ids), atol=1e-5)
+
+
 def test_shared_prefix_forward_matches_full_forward(setup):
     """The shared-prefix KV trick gives the same logits as running each whole row."""
     model_dir, data, _ = setup
