@@ -13,8 +13,43 @@ import numpy as np
 
 import lora_jax as lj
 
+
 # Small odd Llama sizes (HF ``LlamaConfig`` and ours take the same names); head_dim must be
 # even for RoPE, and 5 * 6 != 35 on purpose. Callers add num_key_value_heads / tying.
+def bpe_tokenizer(corpus, special, vocab_size):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus`` (strings), with the
+    ``special`` tokens first (ids 0, 1, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
+    return tk
+
+
+def masked_runs(ids, mask):
+    """The runs of consecutive ``ids`` where ``mask`` is 1 (a row's answers), in order."""
+    runs, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            runs, cur = runs + [cur], []
+    return runs + [cur] if cur else runs
+
+
+#: Llama 3 Instruct's chat template (its own text), for tokenizers the tests build
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] "
+    "| trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content "
+    "%}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
 SMALL_LLAMA = dict(
     vocab_size=97,
     hidden_size=35,

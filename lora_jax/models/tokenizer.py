@@ -2,8 +2,10 @@
 
 :func:`load_tokenizer` takes an HF checkpoint directory (``tokenizer.json``,
 ``tokenizer_config.json``) or a ``.gguf`` file (byte-level BPE vocabulary and merges in
-its metadata). :class:`Tokenizer` knows its BOS/EOS ids and formats chats with ChatML, the
-SmolLM2 template (:meth:`Tokenizer.apply_chat_template`).
+its metadata). :class:`Tokenizer` knows its BOS/EOS ids and formats chats with the model's
+own Jinja chat template, rendered as transformers renders it (ChatML when there is none:
+:meth:`Tokenizer.apply_chat_template`), and knows the token that ends an assistant turn
+(:attr:`Tokenizer.end_of_turn`).
 
 Example:
     >>> format_chatml([{"role": "user", "content": "Hi"}])
@@ -12,6 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
 import os
 import re
 from pathlib import Path
@@ -110,15 +115,92 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = False,
     ):
-        """Formats ``messages`` with ChatML (the SmolLM2 template); optionally tokenizes."""
-        if self.chat_template and "<|im_start|>" not in self.chat_template:
-            raise NotImplementedError("only ChatML chat templates are supported")
-        text = format_chatml(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            default_system=self.default_system_prompt,
-        )
+        """``messages`` rendered by the chat template (ChatML without one); optionally
+        tokenized. A template that raises (``raise_exception``), or fails to render, is a
+        ``ValueError`` with its message."""
+        messages = [dict(m) for m in messages]
+        if not self.chat_template:
+            text = format_chatml(messages, add_generation_prompt=add_generation_prompt)
+        else:
+            text = _render(self.chat_template, messages=messages,
+                           add_generation_prompt=add_generation_prompt, tools=None,
+                           documents=None, **self._special_tokens())
         return self.encode(text) if tokenize else text
+
+    def _special_tokens(self) -> dict[str, str]:
+        tok = self.backend.id_to_token
+        return {name: tok(i) for name, i in (("bos_token", self.bos_id),
+                                             ("eos_token", self.eos_id)) if i is not None}
+
+    @functools.cached_property
+    def end_of_turn(self) -> tuple[list[int], str]:
+        """``(ids, text)`` of the token the template writes right after an assistant's
+        answer (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Mistral's ``</s>``), read
+        off a rendered two-turn chat; the EOS token when the template writes no special token
+        there (or cannot render that chat); ``([], "")`` without either."""
+        mark = "\x00answer\x00"
+        try:
+            text = self.apply_chat_template([{"role": "user", "content": "question"},
+                                             {"role": "assistant", "content": mark}],
+                                            add_generation_prompt=False)
+        except ValueError:
+            text = ""
+        rest = text.partition(mark)[2]
+        specials = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()
+                    if t.special}
+        hits = [t for t in specials if rest.startswith(t)]
+        if hits:
+            t = max(hits, key=len)
+            return [specials[t]], t
+        if self.eos_id is None:
+            return [], ""
+        return [int(self.eos_id)], self.backend.id_to_token(self.eos_id) or ""
+
+
+@functools.lru_cache(maxsize=8)
+def _template(source: str):
+    """A chat template compiled the way transformers compiles it (sandboxed, trimmed blocks,
+    loop controls, its ``tojson``, ``raise_exception`` and ``strftime_now``)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    class Generation(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask markers)
+        renders its body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body
+                                          ).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _render(source: str, **context) -> str:
+    import jinja2
+    try:
+        return _template(source).render(**context)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"the chat template could not render these messages: "
+                         f"{type(e).__name__}: {e}") from None
 
 
 def _pre_tokenizer(pre: str):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
+from helpers import LLAMA3_SPECIAL, LLAMA3_TEMPLATE, bpe_tokenizer
 from lora_jax.models import LlamaConfig, LlamaForCausalLM
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
@@ -20,29 +21,26 @@ WORDS = ["good", "great", "fine", "superb", "bad", "awful", "dull", "poor", "fil
          "the", "was", "very", "acting", "movie", "story"]
 
 
-def _tokenizer(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                  "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+def _tokenizer(tmp_path, template="chatml"):
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tcfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}
+    if template == "llama3":
+        special += LLAMA3_SPECIAL
+        tcfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                "chat_template": LLAMA3_TEMPLATE}
     corpus = [" ".join(WORDS), "yes no positive negative user assistant system"] * 4
-    tk.train_from_iterator(corpus, trainer)
+    tk = bpe_tokenizer(corpus, special, 300)
     tk.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tcfg))
     return tk.get_vocab_size()
 
 
-def _tiny_hf_dir(tmp_path, embed_scale=1.0, model_type="llama"):
+def _tiny_hf_dir(tmp_path, embed_scale=1.0, model_type="llama", template="chatml"):
     """A random tiny Llama (or another ``model_type`` of the family); ``embed_scale`` widens its
     (tied) embeddings: at init scale its logits span well under one nat, too little for a few
     LoRA steps to learn a task."""
     d = tmp_path / f"tiny-{model_type}"
-    vocab = _tokenizer(tmp_path)
+    vocab = _tokenizer(tmp_path, template)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       eos_token_id=2, bos_token_id=1, model_type=model_type)
@@ -78,8 +76,10 @@ def setup(tmp_path_factory):
 
 @pytest.fixture
 def family_setup(tmp_path):
-    """``model_type -> (model_dir, data.jsonl)``: ``setup`` with another architecture."""
-    return lambda model_type: (_tiny_hf_dir(tmp_path, model_type=model_type), _jsonl(tmp_path))
+    """``(model_type, template) -> (model_dir, data.jsonl)``: ``setup`` with another
+    architecture or chat template ("chatml", "llama3")."""
+    return lambda model_type="llama", template="chatml": (
+        _tiny_hf_dir(tmp_path, model_type=model_type, template=template), _jsonl(tmp_path))
 
 
 @pytest.fixture(scope="session")

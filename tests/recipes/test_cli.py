@@ -88,6 +88,42 @@ def test_finetune_and_export_a_qwen_model(family_setup, tmp_path, model_type, ca
                                lj.lora(model.apply)({"params": trained}, ids), atol=1e-5)
 
 
+def test_finetune_chats_with_a_llama3_template(family_setup, tmp_path, capsys):
+    """A model whose chat template is not ChatML (Llama 3's headers and <|eot_id|>): chat rows
+    train on the answers and their <|eot_id|>, and the run generates and stops there."""
+    model_dir, data = family_setup(template="llama3")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "answer with one word"},
+        {"role": "user", "content": r["prompt"]},
+        {"role": "assistant", "content": r["completion"]}]}) + "\n" for r in rows))
+    tok = load_tokenizer(model_dir)
+    eot = tok.token_to_id("<|eot_id|>")
+    ids, mask = D.tokenize_example(tok, json.loads(chats.read_text().splitlines()[0]))
+    assert ids[0] == tok.bos_id and ids[-1] == eot and ids.count(eot) == 3
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == \
+        "positive<|eot_id|>"
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "--model", str(model_dir), "--data", str(chats), "--quant",
+                     "none", "--rank", "2", "--alpha", "4", "--steps", "2", "--batch", "4",
+                     "--seq-len", "48", "--eval-size", "8", "--lr", "1e-2", "--out", str(run),
+                     "--no-progress"]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= s["accuracy_after"] <= 1.0 and all(np.isfinite(s["losses"]))
+    assert cli.main(["generate", str(run), "the movie was good", "--max-new-tokens", "4"]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+
+    # Llama 3's template trims answers: one written with a trailing space is named, not mangled
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(chats.read_text().replace('"positive"}', '"positive "}', 1))
+    assert cli.main(["finetune", "--model", str(model_dir), "--data", str(bad), "--steps", "1",
+                     "--out", str(tmp_path / "bad-run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "rewrites assistant content" in err and "user turn starts 'the movie was" in err
+    assert not (tmp_path / "bad-run" / "adapter").exists()
+
+
 def test_shared_prefix_forward_matches_full_forward(setup):
     """The shared-prefix KV trick gives the same logits as running each whole row."""
     model_dir, data, _ = setup

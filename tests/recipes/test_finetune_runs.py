@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
+from helpers import masked_runs
 from lora_jax import cli
 from lora_jax.models import format_chatml, load_tokenizer
 from lora_jax.recipes.finetune import (
@@ -172,13 +173,7 @@ def test_chat_rows_carry_loss_on_assistant_turns_only(setup):
                              default_system=tok.default_system_prompt)
         assert ids == tok.encode(text.rstrip("\n"))     # the whole conversation, templated
         answers = [m["content"] for m in ex["messages"] if m["role"] == "assistant"]
-        runs, cur = [], []
-        for t, m in zip(ids, mask):
-            if m:
-                cur.append(t)
-            elif cur:
-                runs, cur = runs + [cur], []
-        runs += [cur] if cur else []
+        runs = masked_runs(ids, mask)
         assert [tok.decode(r) for r in runs] == answers
         assert all(r[-1] == end for r in runs)
     enc = D.encode_rows(D.tokenize_examples(tok, CHAT), 64)

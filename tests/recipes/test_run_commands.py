@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from helpers import SMALL_LLAMA, close, randomize_b
+from helpers import SMALL_LLAMA, bpe_tokenizer, close, randomize_b
 from lora_jax import cli
 from lora_jax.models import LlamaConfig, LlamaForCausalLM, generate, generate_batch
 from lora_jax.models.decoding import _top_p
@@ -47,15 +47,8 @@ PROMPT = "is the plot good?"
 
 def _write_tokenizer(d):
     """Byte-level BPE whose merges cover English words only: é, 日 and 🎉 stay 2-4 byte tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = "the plot was good bad fine dull user assistant system answer is yes no"
-    tk.train_from_iterator([text] * 3, trainer)
+    tk = bpe_tokenizer([text] * 3, SPECIAL, 330)
     tk.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}))

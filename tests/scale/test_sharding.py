@@ -258,6 +258,26 @@ def _train_on(tree, loss_fn, batch, mesh, trainable="lora", steps=4, tx=None, mi
     return np.array(losses), tr, fr
 
 
+@pytest.mark.parametrize("model_type,window", [("mistral", 3), ("qwen2", None),
+                                               ("qwen3", None)])
+def test_llama_family_sharded_steps_match_one_device(model_type, window):
+    """The family's extra leaves (q/k/v biases, per-head q/k norms) and a sliding window
+    shard and train like the rest: a dp x fsdp x tp mesh gives the one-device losses."""
+    from lora_jax.models import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      model_type=model_type, sliding_window=window)
+    model = LlamaForCausalLM(cfg)
+    lp = lj.lorafy(model.init_params(jax.random.key(0), 4), rank=4, key=jax.random.key(1))
+    ids = jax.random.randint(jax.random.key(2), (8, 9), 0, cfg.vocab_size)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    loss_fn = cross_entropy_loss(lj.lora(model.apply))
+    ref, *_ = _train_on(lp, loss_fn, batch, _mesh((1, 1, 1)))
+    assert ref[-1] < ref[0]
+    losses, *_ = _train_on(lp, loss_fn, batch, _mesh((2, 2, 2)))
+    np.testing.assert_allclose(losses, ref, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
 def test_make_mesh_lora_and_nf4_match_one_device(kind, mlp):
     """dp x fsdp x tp from jax.make_mesh: the same losses as one device, auto or explicit."""

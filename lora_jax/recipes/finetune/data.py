@@ -18,11 +18,10 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-
-from lora_jax.models import format_chatml
 
 __all__ = [
     "Encoded",
@@ -62,10 +61,7 @@ def chat_prefix(tokenizer, prompt: str) -> list[int]:
 
 
 def _end_ids(tokenizer) -> list[int]:
-    eot = tokenizer.token_to_id("<|im_end|>")
-    if eot is None:
-        eot = tokenizer.eos_id
-    return [] if eot is None else [int(eot)]
+    return list(tokenizer.end_of_turn[0])
 
 
 def with_answer(example: Mapping, answer: str) -> dict:
@@ -77,40 +73,72 @@ def with_answer(example: Mapping, answer: str) -> dict:
     return {"prompt": example["prompt"], "completion": answer}
 
 
-def _chat_tokens(tokenizer, messages, end: list[int]) -> tuple[list[int], list[int]]:
-    # Each stretch between answers is templated and tokenized on its own, the answers
-    # separately: the chat markers are special tokens, so this equals tokenizing the
-    # whole conversation, and the answer tokens are known exactly.
-    ids, mask, start = [], [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        if start == 0:   # the conversation's start (with the template's default system turn)
-            pre = tokenizer.encode(tokenizer.apply_chat_template(messages[:i]))
-        else:            # after the previous answer's end-of-turn token
-            pre = tokenizer.encode("\n" + format_chatml(messages[start:i]), add_bos=False)
-        last = i + 1 == len(messages)
-        ans = tokenizer.encode(m["content"]) + (end if last else _end_ids(tokenizer))
+def _chat_tokens(tokenizer, messages, add_end: bool) -> tuple[list[int], list[int]]:
+    # The template renders the whole conversation once, each answer a placeholder; the text
+    # between answers is tokenized on its own, each answer (its content and the end-of-turn
+    # token the template writes after it) apart: the chat markers are special tokens, so this
+    # equals tokenizing the whole conversation, and the answer tokens are known exactly.
+    eot_ids, eot = tokenizer.end_of_turn
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    marks = {i: f"\x00answer {k}\x00" for k, i in enumerate(turns)}
+    marked = tokenizer.apply_chat_template(
+        [dict(m, content=marks[i]) if i in marks else m for i, m in enumerate(messages)],
+        add_generation_prompt=False)
+    pieces = re.split("(\x00answer \\d+\x00)", marked)     # text, mark, text, mark, ..., text
+    contents = [messages[i]["content"] for i in turns]
+    if pieces[1::2] != list(marks.values()):
+        raise ValueError("the chat template does not render every assistant turn once, in "
+                         "order; use prompt/completion rows")
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    if full != "".join(p if k % 2 == 0 else contents[k // 2] for k, p in enumerate(pieces)):
+        raise ValueError("the chat template rewrites assistant content (it trims whitespace "
+                         "or splits out reasoning); give each answer as the template renders "
+                         "it, or use prompt/completion rows")
+    ids, mask = [], []
+    for k, content in enumerate(contents):
+        # a space before the answer belongs to its first word, as in the whole text's tokens
+        head = pieces[2 * k].rstrip(" ")
+        pre = tokenizer.encode(head, add_bos=None if k == 0 else False)
+        content = pieces[2 * k][len(head):] + content
+        after = pieces[2 * k + 2]
+        j = after.find(eot) if eot else -1
+        closed = j >= 0 and not after[:j].strip()    # only spacing before the end of turn
+        last = k + 1 == len(contents)
+        answer, extra = content, []
+        if closed and (add_end or not last):
+            answer = content + after[:j + len(eot)]
+            pieces[2 * k + 2] = after[j + len(eot):]
+        elif last and add_end:
+            extra = eot_ids            # the template writes no end of turn: the model must stop
+        ans = tokenizer.encode(answer, add_bos=False) + extra
         ids += pre + ans
         mask += [0] * len(pre) + [1] * len(ans)
-        start = i + 1
     return ids, mask
 
 
 def tokenize_example(tokenizer, example: Mapping, *, add_end: bool = True
                      ) -> tuple[list[int], list[int]]:
     """``(token ids, 1 where the token is an answer token)`` of one chat-framed example."""
-    end = _end_ids(tokenizer) if add_end else []
     if "messages" in example:
-        return _chat_tokens(tokenizer, example["messages"], end)
+        return _chat_tokens(tokenizer, example["messages"], add_end)
+    end = _end_ids(tokenizer) if add_end else []
     p = chat_prefix(tokenizer, example["prompt"])
-    a = tokenizer.encode(example["completion"]) + end
+    a = tokenizer.encode(example["completion"], add_bos=False) + end
     return p + a, [0] * len(p) + [1] * len(a)
 
 
 def tokenize_examples(tokenizer, examples: Sequence[Mapping], *, add_end: bool = True
                       ) -> list[tuple[list[int], list[int]]]:
-    return [tokenize_example(tokenizer, ex, add_end=add_end) for ex in examples]
+    out = []
+    for ex in examples:
+        try:
+            out.append(tokenize_example(tokenizer, ex, add_end=add_end))
+        except ValueError as e:         # the template's refusal, naming the example
+            turns = ex.get("messages") or [{"role": "user", "content": ex.get("prompt", "")}]
+            text = next((m["content"] for m in turns if m["role"] == "user"), "")
+            raise ValueError(f"{e} (in the example whose user turn starts {text[:60]!r})"
+                             ) from None
+    return out
 
 
 def prompt_ids(item: tuple[list[int], list[int]]) -> list[int]:
@@ -188,4 +216,4 @@ def encode_examples(tokenizer, examples: Sequence[Mapping], seq_len: int, *,
 
 
 def answer_token_ids(tokenizer, candidates: Sequence[str]) -> list[list[int]]:
-    return [tokenizer.encode(c) for c in candidates]
+    return [tokenizer.encode(c, add_bos=False) for c in candidates]

@@ -27,9 +27,6 @@ from lora_jax.recipes.finetune.runs import Run
 
 __all__ = ["TextStream", "check_generate_flags", "generate_text", "prompt_tokens", "stop_ids"]
 
-#: ChatML's end of turn (SmolLM2 and the recipe's training data end answers with it)
-END_OF_TURN = "<|im_end|>"
-
 
 class TextStream:
     """Incremental detokenization: :meth:`push` a token, get the text it completes."""
@@ -59,9 +56,10 @@ class TextStream:
 
 
 def stop_ids(tokenizer, model) -> tuple[int, ...]:
-    """Tokens that end an answer: ChatML's end of turn and the tokenizer's / model's EOS."""
+    """Tokens that end an answer: the chat template's end of turn and the tokenizer's /
+    model's EOS."""
     eos = model.config.eos_token_id
-    ids = [tokenizer.token_to_id(END_OF_TURN), tokenizer.eos_id,
+    ids = [*tokenizer.end_of_turn[0], tokenizer.eos_id,
            *(eos if isinstance(eos, (list, tuple)) else (eos,))]
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
