@@ -122,12 +122,13 @@ def test_chat_rows_mask_exactly_each_answer_and_its_end_of_turn(backend, name):
         text = tok.decode(ids, skip_special_tokens=False)
         # the row is the whole conversation up to the last answer's end-of-turn token
         assert full.startswith(text) and text.endswith(eot) and full[len(text):] in ("", "\n")
-        assert ids == tok.encode(text)          # pieces tokenized apart = the whole at once
+        if name != "llama2-spaced-eos":    # a space before the answer: a token of its own
+            assert ids == tok.encode(text)      # pieces tokenized apart = the whole at once
         spans = masked_runs(ids, mask)
         answers = [m["content"] for m in chat if m["role"] == "assistant"]
         got = [tok.decode(s, skip_special_tokens=False) for s in spans]
         if name == "llama2-spaced-eos":    # the template writes " a </s>" for each answer a
-            assert got == [" " + a + " " + eot for a in answers]
+            assert got == [a + " " + eot for a in answers]
         else:
             assert got == [a + eot for a in answers]
 
@@ -180,3 +181,21 @@ def test_smollm2_template_renders_as_chatml_with_its_system_turn():
                 assert tok.apply_chat_template(chat[:upto], add_generation_prompt=gen) == \
                     format_chatml(chat[:upto], add_generation_prompt=gen, default_system=system)
     assert tok.end_of_turn == ([tok.token_to_id("<|im_end|>")], "<|im_end|>")
+
+
+def test_a_tokenizer_that_adds_bos_puts_it_once_at_the_start(backend):
+    """Llama-style tokenizers add BOS to what they encode: only a row's start gets one, not
+    each answer, and the prompt the scorer and generation use ends where the answer begins."""
+    from lora_jax.recipes.finetune.data import chat_prefix
+    from lora_jax.recipes.finetune.evaluate import answer_prompt
+    bos = backend.token_to_id("<s>")
+    tok = Tokenizer(backend, bos_id=bos, eos_id=backend.token_to_id("</s>"),
+                    chat_template=MISTRAL, add_bos=True)
+    for example in ({"messages": CHATS[1]}, {"prompt": "good film?", "completion": "no"}):
+        ids, mask = tokenize_example(tok, example)
+        assert ids[0] == bos and ids.count(bos) == 1
+    ex = {"prompt": "good film?", "completion": "no"}
+    assert answer_prompt(tok, ex) == chat_prefix(tok, "good film?")
+    chat = {"messages": CHATS[1], "completion": CHATS[1][-1]["content"]}
+    ids, _ = tokenize_example(tok, chat, add_end=False)
+    assert ids == answer_prompt(tok, chat) + tok.encode(chat["completion"], add_bos=False)

@@ -76,7 +76,7 @@ def with_answer(example: Mapping, answer: str) -> dict:
 def _chat_tokens(tokenizer, messages, add_end: bool) -> tuple[list[int], list[int]]:
     # The template renders the whole conversation once, each answer a placeholder; the text
     # between answers is tokenized on its own, each answer (its content and the end-of-turn
-    # token the template writes after it) apart: the chat markers are special tokens, so this
+    # token the template writes after it) apart: where chat markers are special tokens this
     # equals tokenizing the whole conversation, and the answer tokens are known exactly.
     eot_ids, eot = tokenizer.end_of_turn
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -96,10 +96,8 @@ def _chat_tokens(tokenizer, messages, add_end: bool) -> tuple[list[int], list[in
                          "it, or use prompt/completion rows")
     ids, mask = [], []
     for k, content in enumerate(contents):
-        # a space before the answer belongs to its first word, as in the whole text's tokens
-        head = pieces[2 * k].rstrip(" ")
-        pre = tokenizer.encode(head, add_bos=None if k == 0 else False)
-        content = pieces[2 * k][len(head):] + content
+        # answers are tokenized alone, as the scorer and generation see them
+        pre = tokenizer.encode(pieces[2 * k], add_bos=None if k == 0 else False)
         after = pieces[2 * k + 2]
         j = after.find(eot) if eot else -1
         closed = j >= 0 and not after[:j].strip()    # only spacing before the end of turn

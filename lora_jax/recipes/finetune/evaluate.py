@@ -99,8 +99,11 @@ def exact_match(model, params, tokenizer, examples: Sequence[Mapping], *,
 
 def answer_prompt(tokenizer, example: Mapping) -> list[int]:
     """The chat-framed tokens before ``example``'s (last) answer, assistant header included."""
-    ids, _ = tokenize_example(tokenizer, example, add_end=False)
-    return ids[: len(ids) - len(tokenizer.encode(example["completion"]))]
+    ids, mask = tokenize_example(tokenizer, example, add_end=False)
+    start = len(mask)
+    while start and mask[start - 1]:        # back over the last answer's tokens
+        start -= 1
+    return ids[:start]
 
 
 def shared_prefix_len(tokenizer, examples: Sequence[Mapping], seq_len: int) -> int:
