@@ -86,9 +86,7 @@ class LlamaConfig:
     sliding_window: int | None = None
 
     def __post_init__(self):
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: "
-                             f"{sorted(MODEL_TYPES)}")
+        _check_model_type(self.model_type)
         if self.sliding_window is not None:
             if self.model_type == "llama":
                 raise ValueError("sliding_window needs model_type 'mistral', 'qwen2' or 'qwen3' "
@@ -156,9 +154,7 @@ class LlamaConfig:
         """Builds a config from an HF ``config.json`` dict (transformers v4 or v5 style)."""
         hf = dict(hf)
         mt = hf.get("model_type", "llama")
-        if mt not in MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {mt!r} (supported: {sorted(MODEL_TYPES)}, "
-                             "the Llama family)")
+        _check_model_type(mt)   # before the other keys: a Gemma config fails here, by name
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {act!r} (the Llama family uses silu)")
@@ -203,6 +199,12 @@ class LlamaConfig:
         if eos is not None:
             d["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
         return d
+
+
+def _check_model_type(model_type) -> None:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r} (supported: "
+                         f"{sorted(MODEL_TYPES)}, the Llama family)")
 
 
 def _hf_window(hf: Mapping[str, Any], model_type: str) -> int | None:

@@ -60,10 +60,6 @@ def chat_prefix(tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(text)
 
 
-def _end_ids(tokenizer) -> list[int]:
-    return list(tokenizer.end_of_turn[0])
-
-
 def with_answer(example: Mapping, answer: str) -> dict:
     """``example`` with its (last) answer replaced by ``answer``."""
     if "messages" in example:
@@ -119,7 +115,7 @@ def tokenize_example(tokenizer, example: Mapping, *, add_end: bool = True
     """``(token ids, 1 where the token is an answer token)`` of one chat-framed example."""
     if "messages" in example:
         return _chat_tokens(tokenizer, example["messages"], add_end)
-    end = _end_ids(tokenizer) if add_end else []
+    end = list(tokenizer.end_of_turn[0]) if add_end else []
     p = chat_prefix(tokenizer, example["prompt"])
     a = tokenizer.encode(example["completion"], add_bos=False) + end
     return p + a, [0] * len(p) + [1] * len(a)
