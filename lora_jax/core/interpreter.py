@@ -32,7 +32,8 @@ from lora_jax.core.tree import path_str
 
 
 class MaterializationWarning(UserWarning):
-    """A node with trainable fields was formed as a dense array (correct, slower)."""
+    """A node with trainable fields was formed as a dense array (correct, slower), or was
+    used as its layout does not expect (correct, but its layout was probably guessed wrong)."""
 
 
 class MaterializationError(TypeError):
@@ -125,25 +126,23 @@ class Context:
         return eval_jaxpr(jaxpr, consts, args, self)
 
     def warn(self, x, why: str) -> None:
-        """Report, once per parameter and cause, a use that runs but is probably not meant."""
+        """Report, once per parameter and cause, a use that runs but is probably not meant
+        (``strict=True``: raise)."""
         path = self.name(x)
+        msg = f"parameter {path!r} ({type(x).__name__} of shape {tuple(x.shape)}) {why}"
+        if self.strict:
+            raise MaterializationError(f"{msg} (strict=True; pass strict=False to allow it.)")
         if (path, why) not in self.warned:
             self.warned.add((path, why))
-            warnings.warn(f"parameter {path!r} ({type(x).__name__} of shape {tuple(x.shape)}) "
-                          f"{why}", MaterializationWarning, stacklevel=_user_stacklevel())
+            warnings.warn(msg, MaterializationWarning, stacklevel=_user_stacklevel())
 
     def form(self, x, why: str):
         """``x.materialize()``; reported when ``x`` has trainable fields."""
         if not isinstance(x, ImplicitArray):
             return x
         if type(x).trainable_fields:
-            why = (f"{why} It is formed as a dense array here: correct, but it costs the full "
-                   "weight's memory and FLOPs.")
-            if self.strict:
-                raise MaterializationError(
-                    f"parameter {self.name(x)!r} ({type(x).__name__} of shape "
-                    f"{tuple(x.shape)}) {why} (strict=True; pass strict=False to allow it.)")
-            self.warn(x, why)
+            self.warn(x, f"{why} It is formed as a dense array here: correct, but it costs the "
+                         "full weight's memory and FLOPs.")
         return x.materialize()
 
 

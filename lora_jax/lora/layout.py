@@ -37,7 +37,8 @@ def _module(path: str) -> str:
 def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
     """The layout the common frameworks' own modules give a weight of ``shape``.
 
-    * a conv module's weight (``conv`` in its path): HWIO ``kernel``/``w`` has the
+    * a conv module's weight (``conv`` in its name, or inside a ``patch...`` module such
+      as ViT's ``patch_embeddings/projection``): HWIO ``kernel``/``w`` has the
       spatial and in-feature axes as inputs (haiku's transposed convs keep ``w`` as
       [*K, O, I]); OIHW ``weight`` (Equinox, PyTorch) everything but axis 0.
     * Flax ``MultiHeadDotProductAttention`` (and Keras' ``MultiHeadAttention``):
@@ -51,7 +52,8 @@ def default_layout(path: str, shape: tuple[int, ...]) -> Layout:
     nd = len(shape)
     name, module = leaf_name(path), _module(path)
     last = module.rsplit("/", 1)[-1].lower()
-    if "conv" in last and nd >= 3:
+    patchify = any(part.lower().startswith("patch") for part in module.split("/"))
+    if ("conv" in last or patchify) and nd >= 3:
         if name == "weight":
             return 0, tuple(range(1, nd))
         if name == "w" and "transpose" in last:        # haiku ConvNDTranspose: [*K, O, I]

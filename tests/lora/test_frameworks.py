@@ -689,7 +689,8 @@ def test_grouped_conv_adapter_is_a_delta_of_the_kernel():
 def test_transposed_use_of_a_guessed_layout_is_reported():
     """An (out, in) kernel under an (in, out) name, used as ``x @ W.T`` (transformers' Flax
     GPT-2 Conv1D): without fn the guess puts A on the output side, which only a tied
-    embedding's attend does on purpose; lora says so (the result is exact). With fn, silent."""
+    embedding's attend does on purpose; lora says so (the result is exact) and strict raises.
+    With fn, silent."""
     params = {"proj": {"kernel": _x((7, D), seed=4)}}
 
     def fn(p, x):
@@ -699,8 +700,40 @@ def test_transposed_use_of_a_guessed_layout_is_reported():
     with pytest.warns(lj.MaterializationWarning, match=r"'proj/kernel'.*x @ W\.T.*fn="):
         got = lj.lora(fn)(lp, x)
     close(got, fn(lj.merge(lp), x), 1e-5)
+    with pytest.raises(lj.MaterializationError, match=r"'proj/kernel'.*x @ W\.T.*strict=True"):
+        lj.lora(fn, strict=True)(lp, x)
     lp = randomize_b(lj.lorafy(params, rank=2, fn=fn, args=(x,)), jax.random.key(3))
     assert lp["proj"]["kernel"].in_axes == (1,)
+    close(jax.jit(lj.lora(fn, strict=True))(lp, x), fn(lj.merge(lp), x), 1e-5)
+
+
+class _Patchify(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(7, (2, 3), strides=(2, 3), padding="VALID", name="projection")(x)
+
+
+class _PatchEmbed(nn.Module):
+    """ViT's patchifying conv in a module not named conv (transformers' Flax ViT / CLIP)."""
+
+    embed: str
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="head")(_Patchify(name=self.embed)(x).mean((1, 2)))
+
+
+@pytest.mark.parametrize("embed", ["patch_embeddings", "PatchEmbed_0"])
+def test_patch_embedding_conv_guess_matches_fn(embed):
+    x = _x((B, 4, 9, 3))
+    fn, params = _linen(_PatchEmbed(embed), x)
+    got = lj.infer_layout(fn, params, x)
+    assert got == {f"{embed}/projection/kernel": (0, (0, 1, 2)),               # [2, 3, 3, 7]
+                   "head/kernel": (0, (0,))}
+    shapes = {f"{embed}/projection/kernel": params[embed]["projection"]["kernel"].shape,
+              "head/kernel": params["head"]["kernel"].shape}
+    assert {p: lj.default_layout(p, shape) for p, shape in shapes.items()} == got
+    lp = randomize_b(lj.lorafy(params, rank=2), jax.random.key(3))
     close(jax.jit(lj.lora(fn, strict=True))(lp, x), fn(lj.merge(lp), x), 1e-5)
 
 
