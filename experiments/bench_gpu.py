@@ -8,10 +8,13 @@ MFU = achieved model FLOPs / peak. Model FLOPs of a LoRA step are counted as
 gradient), i.e. 4NT rather than the 6NT of full fine-tuning; XLA's own count is
 recorded beside it. Peak defaults to the H200's dense bf16 989 TFLOP/s.
 
-The run checks its own figures and exits 1, listing what failed, when one is implausible:
-finite losses, 0 < MFU <= 1, ours / hand-written FLOPs <= 1.01 (and wall <= 1.05 on an
-accelerator), NF4 / bf16 step time <= 1.10 on an accelerator (reported on CPU), and the NF4
-arguments smaller than the bf16 ones. One JSON holds the figures and the checks.
+Each variant runs in its own process, so its peak memory is its own: the device
+allocator's peak where the backend reports one, else the process's peak resident size
+(``peak_source`` says which). The run checks its own figures and exits 1, listing what
+failed, when one is implausible: finite losses, 0 < MFU <= 1, ours / hand-written FLOPs
+<= 1.01 (and wall <= 1.05 on an accelerator), NF4 / bf16 step time <= 1.10 and NF4 peak
+memory below bf16's on an accelerator (reported on CPU), and the NF4 arguments smaller than
+the bf16 ones. One JSON holds the figures and the checks.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import contextlib
 import functools
 import json
 import math
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,33 +74,28 @@ def _measure(step, tr, opt, fr, ids, steps: int) -> dict:
         if i:
             times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        peak, source = stats["peak_bytes_in_use"], "device"
+    else:   # Linux reports ru_maxrss in KiB
+        peak, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host rss"
     return {"step_s": statistics.median(times), "losses": losses,
             "xla_flops": float(ca.get("flops", float("nan"))),
             "argument_gb": getattr(mem, "argument_size_in_bytes", 0) / 1e9,
             "temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 1e9,
-            "peak_gb": stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None}
+            "peak_gb": peak / 1e9, "peak_source": source}
 
 
-def _variants(cfg, ids, rank, key):
-    """``name -> (step, trainable, frozen, context)``: ours over bf16 and NF4, and
-    hand-written (its module is built when traced, so it must compile in its context)."""
+VARIANTS = ("lora_bf16", "qlora_nf4", "hand_bf16")
+
+
+def _variant(name, cfg, ids, rank, key):
+    """``(step, trainable, frozen, context, n_base_params)`` of one variant: ours over bf16
+    or NF4, or hand-written (its module is built when traced, so it compiles in its context)."""
     tx = optax.adamw(1e-4)
-    model = LlamaForCausalLM(cfg)
-    base = jax.jit(lambda k: model.init(k, ids[:1, :8])["params"])(key)
-    apply = lj.lora(model.apply)
-
-    def loss_ours(tr, fr, ids):
-        return ce_loss(apply({"params": lj.combine(tr, fr)}, ids), ids)
-
-    out = {}
-    for name, prep in (("lora_bf16", lambda p: p),
-                       ("qlora_nf4", lambda p: lj.quantize(p, "nf4", targets=TARGETS))):
-        params = lj.lorafy(prep(base), rank=rank, alpha=2 * rank, targets=TARGETS, key=key,
-                           dtype=jnp.float32)
-        out[name] = (_step(tx, loss_ours), *lj.split(params), contextlib.nullcontext)
-    with hand_written(rank, 2.0):
-        hand = LlamaForCausalLM(cfg)
-        hp = jax.jit(lambda k: hand.init(k, ids[:1, :8])["params"])(key)
+    if name == "hand_bf16":
+        with hand_written(rank, 2.0):
+            hand = LlamaForCausalLM(cfg)
+            hp = jax.jit(lambda k: hand.init(k, ids[:1, :8])["params"])(key)
 
         def loss_hand(tr, fr, ids):
             return ce_loss(hand.apply({"params": lj.combine(tr, fr)}, ids), ids)
@@ -102,9 +103,22 @@ def _variants(cfg, ids, rank, key):
         is_ab = lambda path, _: path[-1].key in ("lora_a", "lora_b")  # noqa: E731
         tr = jax.tree_util.tree_map_with_path(lambda p, x: x if is_ab(p, x) else None, hp)
         fr = jax.tree_util.tree_map_with_path(lambda p, x: None if is_ab(p, x) else x, hp)
-        out["hand_bf16"] = (_step(tx, loss_hand), tr, fr,
-                            functools.partial(hand_written, rank, 2.0))
-    return out, sum(x.size for x in jax.tree.leaves(base))
+        n = sum(x.size for x in jax.tree.leaves(fr))
+        return _step(tx, loss_hand), tr, fr, functools.partial(hand_written, rank, 2.0), n
+    model = LlamaForCausalLM(cfg)
+    base = jax.jit(lambda k: model.init(k, ids[:1, :8])["params"])(key)
+    n = sum(x.size for x in jax.tree.leaves(base))
+    apply = lj.lora(model.apply)
+
+    def loss_ours(tr, fr, ids):
+        return ce_loss(apply({"params": lj.combine(tr, fr)}, ids), ids)
+
+    if name == "qlora_nf4":
+        base = lj.quantize(base, "nf4", targets=TARGETS)
+    params = lj.lorafy(base, rank=rank, alpha=2 * rank, targets=TARGETS, key=key,
+                       dtype=jnp.float32)
+    del base
+    return (_step(tx, loss_ours), *lj.split(params), contextlib.nullcontext, n)
 
 
 def checks(r: dict, accelerator: bool) -> dict:
@@ -122,9 +136,40 @@ def checks(r: dict, accelerator: bool) -> dict:
     }
     wall = lora["step_s"] / hand["step_s"]
     ratio = nf4["step_s"] / lora["step_s"]
+    peak = nf4["peak_gb"] / lora["peak_gb"]
     c["ours/hand wall <= 1.05"] = (wall, wall <= 1.05 or not accelerator)
     c["nf4/bf16 step time <= 1.10"] = (ratio, ratio <= 1.10 or not accelerator)
+    c["nf4 peak memory < bf16 peak memory"] = (peak, peak < 1 or not accelerator)
     return {k: {"value": v, "ok": bool(ok)} for k, (v, ok) in c.items()}
+
+
+def _run_variant(name: str, args) -> dict:
+    """One variant's figures, measured in this process."""
+    cfg = LlamaConfig(**(SMOKE if args.smoke else ONE_B), dtype=jnp.bfloat16,
+                      param_dtype=jnp.bfloat16, remat=True)
+    key = jax.random.key(0)
+    ids = jax.random.randint(key, (args.batch, args.seq), 0, cfg.vocab_size, jnp.int32)
+    step, tr, fr, context, n_params = _variant(name, cfg, ids, args.rank, key)
+    tokens = args.batch * args.seq
+    attn = 4 * cfg.num_hidden_layers * args.batch * args.seq ** 2 * cfg.hidden_size  # fwd+dx
+    with jax.numpy_dtype_promotion("standard"):
+        opt = optax.adamw(1e-4).init(tr)
+    with context():
+        r = _measure(step, tr, opt, fr, ids, args.steps)
+    r.update(tokens_per_s=tokens / r["step_s"], params=int(n_params), tokens_per_step=tokens,
+             mfu=(4 * n_params * tokens + attn) / r["step_s"] / (args.peak_tflops * 1e12),
+             device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+             jax=jax.__version__)
+    return r
+
+
+def _in_own_process(name: str, argv: list[str]) -> dict:
+    """``_run_variant`` in a fresh interpreter, so the peak memory is this variant's alone."""
+    with tempfile.TemporaryDirectory() as d:
+        part = Path(d) / "part.json"
+        subprocess.run([sys.executable, "-m", "experiments.bench_gpu", *argv, "--only", name,
+                        "--out", str(part)], check=True, cwd=Path(__file__).resolve().parents[1])
+        return json.loads(part.read_text())
 
 
 def main(argv=None):
@@ -136,33 +181,31 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--only", choices=VARIANTS, help="measure one variant in this process and "
+                    "write its figures alone to --out (the full run does this per variant)")
     ap.add_argument("--out", default=None, help="the JSON (default experiments/results/...)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.batch, args.seq, args.steps = 2, 64, 3
-    cfg = LlamaConfig(**(SMOKE if args.smoke else ONE_B), dtype=jnp.bfloat16,
-                      param_dtype=jnp.bfloat16, remat=True)
-    key = jax.random.key(0)
-    ids = jax.random.randint(key, (args.batch, args.seq), 0, cfg.vocab_size, jnp.int32)
-    variants, n_params = _variants(cfg, ids, args.rank, key)
-    tokens = args.batch * args.seq
-    attn = 4 * cfg.num_hidden_layers * args.batch * args.seq ** 2 * cfg.hidden_size  # fwd+dx
+    if args.only:
+        Path(args.out).write_text(json.dumps(_run_variant(args.only, args)))
+        return 0
+    # The children alone touch the device: a parent holding it (JAX preallocates most of a
+    # GPU's memory) would leave them none.
+    child_argv = ["--smoke"] if args.smoke else [
+        "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
+        "--steps", str(args.steps), "--peak-tflops", str(args.peak_tflops)]
     results = {}
-    for name, (step, tr, fr, context) in variants.items():
-        with jax.numpy_dtype_promotion("standard"):
-            opt = optax.adamw(1e-4).init(tr)
-        with context():
-            r = _measure(step, tr, opt, fr, ids, args.steps)
-        r.update(tokens_per_s=tokens / r["step_s"],
-                 mfu=(4 * n_params * tokens + attn) / r["step_s"] / (args.peak_tflops * 1e12))
-        results[name] = r
+    for name in VARIANTS:
+        r = results[name] = _in_own_process(name, child_argv)
         print(f"{name:10s} {r['step_s'] * 1e3:8.1f} ms/step  {r['tokens_per_s']:10.0f} tok/s  "
               f"MFU {r['mfu'] * 100:5.1f}%  args {r['argument_gb']:.2f} GB  "
-              f"temp {r['temp_gb']:.2f} GB  peak {r['peak_gb']} GB")
-    accelerator = jax.default_backend() != "cpu"
-    results.update(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-                   jax=jax.__version__, params=int(n_params), tokens_per_step=tokens,
-                   checks=checks(results, accelerator))
+              f"temp {r['temp_gb']:.2f} GB  peak {r['peak_gb']:.2f} GB ({r['peak_source']})",
+              flush=True)
+    first = results[VARIANTS[0]]
+    results.update({k: first[k] for k in ("device", "backend", "jax", "params",
+                                          "tokens_per_step")})
+    results["checks"] = checks(results, accelerator=first["backend"] != "cpu")
     out = Path(args.out) if args.out else RESULTS / (
         "bench_gpu_smoke.json" if args.smoke else "bench_gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
