@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax.core import compat, is_default_target, is_implicit, path_str
 from lora_jax.lora import LayoutSpec, resolve_layout
-from lora_jax.scale.specs import entry_of
+from lora_jax.scale.specs import entry_of, lora_specs
 
 # Column-parallel (tensor on the output axis) and row-parallel (tensor on the input axis).
 _TENSOR_OUT = re.compile(r"(^|/)(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|wi|"
@@ -164,7 +164,15 @@ def logical_specs(variables, rules: Sequence[tuple[str, Any]]):
     ``rules`` maps logical names to mesh axes, e.g. ``[("embed", "fsdp"), ("mlp", "tensor")]``.
     Unboxed leaves (no annotation) get ``P()``. Feed the result to :func:`lora_specs`
     together with the lorafied tree built from ``nn.meta.unbox(variables)``.
+
+    ``variables`` may also be ``lorafy`` (or ``quantize``) of the boxed tree: a box then holds
+    a node, and the result is already :func:`lora_specs` of ``nn.meta.unbox(variables)`` (the
+    box's spec is the weight's, which A and B divide between them).
     """
     import flax.linen as nn
 
-    return nn.logical_to_mesh(nn.get_partition_spec(variables), rules)
+    base = nn.logical_to_mesh(nn.get_partition_spec(variables), rules)
+    unboxed = nn.meta.unbox(variables)
+    if any(map(is_implicit, jax.tree.leaves(unboxed, is_leaf=is_implicit))):
+        return lora_specs(unboxed, base)
+    return base

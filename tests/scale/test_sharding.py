@@ -131,6 +131,16 @@ def test_logical_specs_from_flax_annotations():
     lp = jax.eval_shape(lambda p: lj.lorafy(p, rank=2), params)
     s = lora_specs(lp, base)
     assert s["up"]["kernel"].a == P("fsdp", None) and s["up"]["kernel"].b == P(None, "tensor")
+    # lorafy of the boxed tree keeps the boxes around the nodes (apply unboxes them); its
+    # logical specs are those of the unboxed lorafied tree, A and B split like the weight's
+    boxed = jax.eval_shape(lambda p: lj.lorafy(p, rank=2), variables["params"])
+    assert isinstance(boxed["up"]["kernel"], nn.LogicallyPartitioned)
+    assert logical_specs(boxed, [("embed", "fsdp"), ("mlp", "tensor")]) == s
+    real = lj.lorafy(M().init(jax.random.key(0), jnp.zeros((2, 16), jnp.float32))["params"],
+                     rank=2)
+    placed = shard_params(nn.meta.unbox(real), _mesh((1, 2, 2)),
+                          logical_specs(real, [("embed", "fsdp"), ("mlp", "tensor")]))
+    assert placed["up"]["kernel"].b.sharding.spec == P(None, "tensor")
 
 
 def test_fsdp_specs_heuristic(model_setup):
