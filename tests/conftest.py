@@ -4,6 +4,7 @@ Warnings are errors through pyproject.toml's ``filterwarnings``; hypothesis draw
 sequence of examples (``derandomize``) so a failure reproduces on the next run.
 """
 
+import gc
 import os
 
 # Must be set before jax initialises its backends; appended so other XLA flags survive.
@@ -31,6 +32,16 @@ def _strict_jax():
     for name in leaked:
         jax.config.update(name, STRICT[name])
     assert not leaked, f"test changed jax config {leaked}; use a `with` context manager instead"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. Each XLA:CPU executable holds a few
+    memory mappings while a cache keeps it; over the whole suite they passed the kernel's
+    ``vm.max_map_count`` (65530), and the compiler segfaulted on its next mapping."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
