@@ -127,8 +127,11 @@ def test_reduced_run_both_arms_match(tmp_path, monkeypatch):
     c = r["checks"]
     assert c["same_heldout_examples"] and c["same_step0_batch"]
     # both score the same NF4 codes; the double-quantized block scales differ by float
-    # rounding (a few by one 8-bit step), so per-answer log-likelihoods differ slightly
-    assert c["initial_loglik_max_abs_diff"] < 0.05, c
+    # rounding (a few by one 8-bit step, tests/quant), which blocks depends on the machine's
+    # float arithmetic, so per-answer log-likelihoods differ by up to ~0.2 nats (the README
+    # run: 0.17 max over 300 examples; this reduced run has read both below 0.05 and 0.13).
+    # A wrong weight or layout moves them by whole nats and flips predictions.
+    assert c["initial_loglik_max_abs_diff"] < 0.25, c
     assert c["initial_predictions_agree"] == 4 and c["initial_accuracy_diff"] == 0.0
     # the same first batch and the same weights: the step-1 losses agree closely
     assert abs(ours["losses"][0] - peft["losses"][0]) < 0.01 * ours["losses"][0]
