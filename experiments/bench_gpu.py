@@ -117,7 +117,6 @@ def _variant(name, cfg, ids, rank, key):
         base = lj.quantize(base, "nf4", targets=TARGETS)
     params = lj.lorafy(base, rank=rank, alpha=2 * rank, targets=TARGETS, key=key,
                        dtype=jnp.float32)
-    del base
     return (_step(tx, loss_ours), *lj.split(params), contextlib.nullcontext, n)
 
 
@@ -188,6 +187,8 @@ def main(argv=None):
     if args.smoke:
         args.batch, args.seq, args.steps = 2, 64, 3
     if args.only:
+        if args.out is None:
+            ap.error("--only needs --out, the file its figures are written to")
         Path(args.out).write_text(json.dumps(_run_variant(args.only, args)))
         return 0
     # The children alone touch the device: a parent holding it (JAX preallocates most of a
